@@ -1,0 +1,48 @@
+"""klvae: the KL-regularised image autoencoder (AutoencoderKL) for PyTorch and JAX/Flax.
+
+``import klvae`` is light: the config, presets and latent helpers load at once; ``klvae.AutoencoderKL`` (the
+PyTorch model) imports torch on first use, and ``klvae.flax`` holds the Flax backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klvae.config import PRESETS as PRESETS
+from klvae.config import AutoencoderKLConfig as AutoencoderKLConfig
+from klvae.config import preset as preset
+from klvae.errors import ConfigError as ConfigError
+from klvae.errors import InputShapeError as InputShapeError
+from klvae.errors import KLVAEError as KLVAEError
+from klvae.errors import StateDictMismatchError as StateDictMismatchError
+from klvae.errors import WeightsError as WeightsError
+from klvae.latents import scale_latents as scale_latents
+from klvae.latents import unscale_latents as unscale_latents
+
+__version__ = "0.1.0"
+
+# Names served lazily from the PyTorch backend, so importing klvae does not import torch.
+_TORCH_EXPORTS = {
+    "AutoencoderKL": "klvae.torch.model",
+    "AutoencoderKLOutput": "klvae.torch.outputs",
+    "DecoderOutput": "klvae.torch.outputs",
+    "DiagonalGaussianDistribution": "klvae.torch.outputs",
+    "AttnProcessor": "klvae.torch.attention",
+    "AttnProcessor2_0": "klvae.torch.attention",
+    "ChunkedAttnProcessor": "klvae.torch.attention",
+}
+
+__all__ = ["AutoencoderKLConfig", "PRESETS", "preset", "scale_latents", "unscale_latents", "ConfigError",
+           "InputShapeError", "KLVAEError", "StateDictMismatchError", "WeightsError", *_TORCH_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_EXPORTS[name]), name)
+    raise AttributeError(f"module 'klvae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_EXPORTS))

@@ -1,0 +1,5 @@
+import sys
+
+from klvae.cli import main
+
+sys.exit(main())

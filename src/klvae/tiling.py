@@ -1,0 +1,54 @@
+"""Tile plans shared by both backends (no torch, no jax).
+
+"blend" tiling is diffusers' algorithm: tiles of ``tile`` input pixels start every ``stride`` pixels; each
+decoded tile overlaps its upper and left neighbours by ``blend_extent`` output pixels, where the two are mixed
+with a linear ramp, and is then cropped to ``row_limit`` output pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+MODES = ("blend",)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlendPlan:
+    tile: int          # tile side in input pixels (latents for decode, image pixels for encode)
+    stride: int        # distance between tile starts, input pixels
+    blend_extent: int  # overlap mixed between neighbours, output pixels
+    row_limit: int     # output pixels kept from each tile
+
+    def starts(self, length: int) -> range:
+        """Tile start positions along an input axis of ``length`` pixels (edge tiles are truncated)."""
+        return range(0, length, self.stride)
+
+
+def decode_plan(tile_sample_min_size: int, tile_latent_min_size: int, overlap_factor: float) -> BlendPlan:
+    blend = int(tile_sample_min_size * overlap_factor)
+    return BlendPlan(tile=tile_latent_min_size, stride=_stride(tile_latent_min_size, overlap_factor),
+                     blend_extent=blend, row_limit=tile_sample_min_size - blend)
+
+
+def encode_plan(tile_sample_min_size: int, tile_latent_min_size: int, overlap_factor: float) -> BlendPlan:
+    blend = int(tile_latent_min_size * overlap_factor)
+    return BlendPlan(tile=tile_sample_min_size, stride=_stride(tile_sample_min_size, overlap_factor),
+                     blend_extent=blend, row_limit=tile_latent_min_size - blend)
+
+
+def _stride(tile: int, overlap_factor: float) -> int:
+    stride = int(tile * (1 - overlap_factor))
+    if stride < 1:
+        raise ValueError(f"a tile of {tile} pixels with overlap {overlap_factor} leaves no stride")
+    return stride
+
+
+def blend_ramp(extent: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (previous tile, this tile) across an overlap of ``extent`` pixels: ``1 - y/e`` and ``y/e``.
+
+    Computed in float64 and rounded once, as the scalar arithmetic of diffusers' per-row loop is.
+    """
+    ramp = np.arange(extent, dtype=np.float64) / extent
+    return 1.0 - ramp, ramp

@@ -1,0 +1,125 @@
+"""Reading and writing diffusers-layout model folders for the PyTorch model.
+
+Loading builds the model on the meta device and assigns the loaded tensors (no throwaway random init), after a
+strict check of keys and shapes. Legacy ``.bin`` files are read with ``torch.load(weights_only=True)`` only:
+no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from klvae.config import CONFIG_NAME, AutoencoderKLConfig
+from klvae.errors import WeightsError
+from klvae.fileio import atomic_write_with
+from klvae.hub import resolve_pretrained
+from klvae.weights.files import INDEX_SUFFIX, read_safetensors_header, shard_files, weights_name
+from klvae.weights.layout import check_shapes, rename_legacy_attention_keys, state_dict_shapes
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (``"bf16"``, ``"float16"``, ``"torch.float32"``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, a shard index, or a legacy ``.bin`` (weights-only unpickling)."""
+    if path.endswith(INDEX_SUFFIX):
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shard_files(path):
+            tensors.update(load_weights_file(shard))
+        return tensors
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        read_safetensors_header(path)  # typed errors for empty, truncated or corrupt files
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own errors carry no file name
+            raise WeightsError(f"{path}: cannot read safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read as a weights-only PyTorch file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def canonical_state_dict(tensors: dict[str, torch.Tensor], config: AutoencoderKLConfig,
+                         source: str) -> dict[str, torch.Tensor]:
+    """Rename legacy attention keys and check keys and shapes strictly against ``config``."""
+    renames = rename_legacy_attention_keys(list(tensors))
+    if renames:
+        tensors = {renames.get(k, k): v for k, v in tensors.items()}
+    check_shapes(state_dict_shapes(config), {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    return tensors
+
+
+def build_from_state_dict(cls, config: AutoencoderKLConfig, tensors: dict[str, torch.Tensor], *,
+                          dtype: torch.dtype | None, source: str):
+    """A model of ``cls`` whose parameters are ``tensors`` (cast to ``dtype``, default float32)."""
+    tensors = canonical_state_dict(tensors, config, source)
+    dtype = dtype or torch.get_default_dtype()
+    with torch.device("meta"):
+        model = cls(config)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+class PretrainedMixin:
+    """``from_pretrained``/``save_pretrained`` in diffusers' folder layout."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, variant: str | None = None,
+                        cache_dir: str | None = None, local_files_only: bool = False, revision: str | None = None,
+                        token: str | bool | None = None, **kwargs: Any):
+        """Load a diffusers-layout folder (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``)
+        from disk or the hub. The model is returned in eval mode."""
+        unknown = set(kwargs) - {"use_safetensors", "low_cpu_mem_usage", "force_download", "proxies"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
+        config_path, weights_path = resolve_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, variant=variant, cache_dir=cache_dir,
+            local_files_only=local_files_only, revision=revision, token=token)
+        config = AutoencoderKLConfig.from_json_file(config_path)
+        tensors = load_weights_file(weights_path)
+        return build_from_state_dict(cls, config, tensors, dtype=as_torch_dtype(torch_dtype), source=weights_path)
+
+    @classmethod
+    def from_config(cls, config: AutoencoderKLConfig | dict[str, Any], **overrides: Any):
+        """A randomly initialised model from a config (diffusers' ``from_config``)."""
+        return cls(config if isinstance(config, AutoencoderKLConfig) else AutoencoderKLConfig.from_dict(config),
+                   **overrides)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write ``config.json`` and the weights in diffusers' layout; each file is written atomically."""
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"{save_directory}: is a file; save_pretrained needs a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        path = os.path.join(save_directory, weights_name(variant, safe_serialization))
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        else:
+            atomic_write_with(path, lambda tmp: torch.save(tensors, tmp))
+        self.config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
