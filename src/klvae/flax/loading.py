@@ -1,0 +1,100 @@
+"""Reading and writing diffusers-layout model folders for the Flax model.
+
+The folder is the canonical one (``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``, in
+diffusers' PyTorch layout), so one folder serves both backends and diffusers. Tensors are read with numpy
+(bf16 through ml_dtypes), converted strictly by :mod:`klvae.weights.flax`, and never touch torch, except for
+legacy ``.bin`` pickles, which need torch to read (weights-only unpickling).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klvae.config import CONFIG_NAME, AutoencoderKLConfig
+from klvae.errors import WeightsError
+from klvae.fileio import atomic_write_with
+from klvae.hub import resolve_pretrained
+from klvae.weights.files import INDEX_SUFFIX, read_safetensors_header, shard_files, weights_name
+from klvae.weights.flax import as_numpy_dtype, canonical_to_flax, flax_to_canonical, to_numpy
+
+
+def load_numpy_weights(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file, a shard index, or (with torch installed) a legacy ``.bin``."""
+    if path.endswith(INDEX_SUFFIX):
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shard_files(path):
+            tensors.update(load_numpy_weights(shard))
+        return tensors
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        read_safetensors_header(path)  # typed errors for empty, truncated or corrupt files
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own errors carry no file name
+            raise WeightsError(f"{path}: cannot read safetensors file ({e})") from None
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading a PyTorch pickle needs torch; convert the folder to safetensors "
+                           "(klvae's torch backend: AutoencoderKL.from_pretrained(...).save_pretrained(...))") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read as a weights-only PyTorch file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: to_numpy(v, k, path) for k, v in obj.items()}
+
+
+class FlaxPretrainedMixin:
+    """``from_pretrained`` -> ``(model, params)`` and ``save_pretrained(dir, params)`` in diffusers' layout."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, from_pt: bool = True,
+                        dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
+                        subfolder: str | None = None, variant: str | None = None, cache_dir: str | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        token: str | bool | None = None, **fields: Any) -> tuple[Any, dict[str, Any]]:
+        """Load a diffusers PyTorch-layout folder (local path or hub repo id) as ``(model, params)``.
+
+        ``dtype`` is the compute dtype; parameters are stored in ``param_dtype`` (float32 by default: fp16/bf16
+        checkpoints are widened exactly). ``fields`` sets other module fields (``use_tiling=True``, ...).
+        ``from_pt`` must be true: klvae's one weight format is the PyTorch layout (diffusers' Flax
+        ``.msgpack`` checkpoints are not read).
+        """
+        if not from_pt:
+            raise WeightsError("klvae reads only the canonical PyTorch-layout folders (from_pt=True); to use a "
+                               "Flax parameter tree, pass it to klvae.weights.flax.flax_to_canonical to check it")
+        config_path, weights_path = resolve_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, variant=variant, cache_dir=cache_dir,
+            local_files_only=local_files_only, revision=revision, token=token)
+        config = AutoencoderKLConfig.from_json_file(config_path)
+        tensors = load_numpy_weights(weights_path)
+        params = canonical_to_flax(tensors, config, dtype=as_numpy_dtype(jnp.dtype(param_dtype)),
+                                   source=weights_path)
+        model = cls.from_config(config, dtype=dtype, param_dtype=param_dtype, precision=precision, **fields)
+        return model, jax.tree_util.tree_map(jnp.asarray, params)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, params: Any, *, variant: str | None = None,
+                        dtype: Any = None, is_main_process: bool = True) -> None:
+        """Write ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` in the canonical layout,
+        which klvae (both backends) and diffusers load. ``dtype`` casts the saved weights (default: as stored).
+        Each file is written atomically."""
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"{save_directory}: is a file; save_pretrained needs a directory")
+        tensors = flax_to_canonical(params, self.config, dtype=dtype, source="params")
+        os.makedirs(save_directory, exist_ok=True)
+        from safetensors.numpy import save_file
+
+        path = os.path.join(save_directory, weights_name(variant))
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        self.config.to_json_file(os.path.join(save_directory, CONFIG_NAME))

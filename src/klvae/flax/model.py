@@ -1,0 +1,305 @@
+"""The Flax (linen) AutoencoderKL: encoder, decoder and the model with the seeds' Flax API.
+
+Public inputs and outputs are NCHW, posteriors included; everything inside is NHWC, with one transpose each way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from klvae.config import AutoencoderKLConfig
+from klvae.errors import ConfigError, InputShapeError
+from klvae.flax.blocks import FlaxDownEncoderBlock2D, FlaxUNetMidBlock2D, FlaxUpDecoderBlock2D
+from klvae.flax.layers import Dtype, Precision, conv, group_norm, to_nchw, to_nhwc
+from klvae.flax.loading import FlaxPretrainedMixin
+from klvae.flax.outputs import FlaxAutoencoderKLOutput, FlaxDecoderOutput, FlaxDiagonalGaussianDistribution
+from klvae.flax.tiling import blend_tiles
+from klvae.tiling import MODES, decode_plan, encode_plan
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderKLConfig))
+_TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std")
+
+
+class FlaxEncoder(nn.Module):
+    """(B, H, W, in_channels) images -> (B, H / f, W / f, 2 * latent_channels) moments (mean and log-variance)."""
+
+    config: AutoencoderKLConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    def setup(self) -> None:
+        cfg = self.config
+        chans, groups = cfg.block_out_channels, cfg.norm_num_groups
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        self.conv_in = conv(self, chans[0], 3)
+        self.down_blocks = [
+            FlaxDownEncoderBlock2D(chans[max(i - 1, 0)], c, cfg.layers_per_block, groups, cfg.act_fn,
+                                   add_downsample=i < len(chans) - 1, **numerics)
+            for i, c in enumerate(chans)]
+        self.mid_block = FlaxUNetMidBlock2D(chans[-1], groups, cfg.act_fn, cfg.mid_block_add_attention, **numerics)
+        self.conv_norm_out = group_norm(self, groups)
+        self.conv_out = conv(self, 2 * cfg.latent_channels, 3)
+
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x, deterministic)
+        x = self.mid_block(x, deterministic)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class FlaxDecoder(nn.Module):
+    """(B, h, w, latent_channels) latents -> (B, h * f, w * f, out_channels) images."""
+
+    config: AutoencoderKLConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    def setup(self) -> None:
+        cfg = self.config
+        chans, groups = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        self.conv_in = conv(self, chans[0], 3)
+        self.mid_block = FlaxUNetMidBlock2D(chans[0], groups, cfg.act_fn, cfg.mid_block_add_attention, **numerics)
+        self.up_blocks = [
+            FlaxUpDecoderBlock2D(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, groups, cfg.act_fn,
+                                 add_upsample=i < len(chans) - 1, **numerics)
+            for i, c in enumerate(chans)]
+        self.conv_norm_out = group_norm(self, groups)
+        self.conv_out = conv(self, cfg.out_channels, 3)
+
+    def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = self.conv_in(z)
+        x = self.mid_block(x, deterministic)
+        for block in self.up_blocks:
+            x = block(x, deterministic)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
+    """The KL-regularised autoencoder of latent diffusion as a Flax linen module, with the PyTorch weights.
+
+    Fields are the shared config's (:class:`~klvae.config.AutoencoderKLConfig`) plus the numerics: ``dtype``
+    (compute), ``param_dtype`` (parameter storage) and ``precision`` (convs and matmuls; ``"highest"`` for true
+    float32 on GPU/TPU). Build from fields, with :meth:`from_config`, or load with :meth:`from_pretrained`, which
+    returns ``(model, params)``. Images are (B, C, H, W) in [-1, 1]; latents (B, latent_channels, H / f, W / f).
+    ``encode``/``decode`` never apply ``scaling_factor``; :mod:`klvae.latents` does.
+
+    Slicing (``use_slicing``: one batch item at a time, a ``lax.map``) and tiling (``use_tiling`` with
+    ``tiling_mode``, ``tile_sample_min_size``, ``tile_overlap_factor``) are fields too; a linen module is
+    immutable, so :meth:`with_slicing` and :meth:`with_tiling` return a configured copy (same params).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, ...] = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    # numerics
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+    # slicing and tiling
+    use_slicing: bool = False
+    use_tiling: bool = False
+    tiling_mode: str = "blend"
+    tile_sample_min_size: int | None = None  # None: the config's sample_size
+    tile_overlap_factor: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:  # lists would make the module unhashable
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.sample_size, list):
+            object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        config = self.config  # validates the architecture fields
+        _check_tiling(self.tiling_mode, self.tile_sample_min_size, self.tile_overlap_factor,
+                      config.downsample_factor)
+        super().__post_init__()
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> AutoencoderKLConfig:
+        """The shared config these fields describe."""
+        return _config_from_items(tuple((name, getattr(self, name)) for name in CONFIG_FIELDS))
+
+    @classmethod
+    def from_config(cls, config: AutoencoderKLConfig | dict[str, Any], **fields: Any) -> FlaxAutoencoderKL:
+        """A module for ``config``; ``fields`` sets numerics (``dtype=jnp.bfloat16``) or overrides config fields."""
+        if not isinstance(config, AutoencoderKLConfig):
+            config = AutoencoderKLConfig.from_dict(config)
+        return cls(**{name: config[name] for name in CONFIG_FIELDS}, **fields)
+
+    def with_slicing(self, enabled: bool = True) -> FlaxAutoencoderKL:
+        """A copy that encodes/decodes a batch one item at a time (same results, less peak memory)."""
+        return self.clone(use_slicing=enabled)
+
+    def with_tiling(self, mode: str = "blend", *, tile_sample_min_size: int | None = None,
+                    tile_overlap_factor: float | None = None, enabled: bool = True) -> FlaxAutoencoderKL:
+        """A copy that encodes/decodes images larger than the tile size in overlapping tiles.
+
+        ``mode="blend"`` is diffusers' algorithm (same output as diffusers' and the torch backend's tiling).
+        """
+        changes: dict[str, Any] = dict(use_tiling=enabled, tiling_mode=mode)
+        if tile_sample_min_size is not None:
+            changes["tile_sample_min_size"] = tile_sample_min_size
+        if tile_overlap_factor is not None:
+            changes["tile_overlap_factor"] = tile_overlap_factor
+        return self.clone(**changes)
+
+    # ------------------------------------------------------------------ modules
+    def setup(self) -> None:
+        cfg = self.config
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        self.encoder = FlaxEncoder(cfg, **numerics)
+        self.decoder = FlaxDecoder(cfg, **numerics)
+        self.quant_conv = conv(self, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = conv(self, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+
+    def init_weights(self, rng: jax.Array, eval_only: bool = False) -> Any:
+        """Random ``params`` (the "params" collection), or with ``eval_only`` their shapes and dtypes only
+        (``jax.eval_shape``: nothing is computed or allocated). Traces on the smallest valid input."""
+        f = self.config.downsample_factor
+        plain = self.clone(use_slicing=False, use_tiling=False)
+        params_rng, dropout_rng, gaussian_rng = jax.random.split(rng, 3)
+        rngs = {"params": params_rng, "dropout": dropout_rng, "gaussian": gaussian_rng}
+        shape = (1, self.in_channels, f, f)
+
+        def init(rngs: dict[str, jax.Array], sample: jax.Array) -> Any:
+            return plain.init(rngs, sample)["params"]
+
+        if eval_only:
+            return jax.eval_shape(init, rngs, jax.ShapeDtypeStruct(shape, jnp.float32))
+        return init(rngs, jnp.zeros(shape, jnp.float32))
+
+    # ------------------------------------------------------------------ public API (NCHW)
+    def encode(self, sample: jax.Array, deterministic: bool = True,
+               return_dict: bool = True) -> FlaxAutoencoderKLOutput | tuple:
+        """Encode (B, C, H, W) images in [-1, 1] to the posterior over latents (NCHW)."""
+        cfg = self.config
+        x = _check_input(sample, cfg.in_channels, cfg.downsample_factor, "images")
+        moments = self._sliced(FlaxAutoencoderKL._encode_nhwc, to_nhwc(x), deterministic)
+        posterior = FlaxDiagonalGaussianDistribution(to_nchw(moments))
+        return FlaxAutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, latents: jax.Array, deterministic: bool = True,
+               return_dict: bool = True) -> FlaxDecoderOutput | tuple:
+        """Decode (B, latent_channels, h, w) latents to (B, out_channels, h * f, w * f) images."""
+        z = _check_input(latents, self.config.latent_channels, 1, "latents")
+        sample = to_nchw(self._sliced(FlaxAutoencoderKL._decode_nhwc, to_nhwc(z), deterministic))
+        return FlaxDecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def __call__(self, sample: jax.Array, sample_posterior: bool = False, deterministic: bool = True,
+                 return_dict: bool = True) -> FlaxDecoderOutput | tuple:
+        """Encode, take the posterior's mode (or a sample drawn from the ``"gaussian"`` rng stream), decode."""
+        posterior = self.encode(sample, deterministic=deterministic).latent_dist
+        z = posterior.sample(self.make_rng("gaussian")) if sample_posterior else posterior.mode()
+        return self.decode(z, deterministic=deterministic, return_dict=return_dict)
+
+    def tiled_encode(self, sample: jax.Array, deterministic: bool = True,
+                     return_dict: bool = True) -> FlaxAutoencoderKLOutput | tuple:
+        """Encode in overlapping blended tiles (diffusers' algorithm), whatever ``use_tiling`` says."""
+        cfg = self.config
+        x = to_nhwc(_check_input(sample, cfg.in_channels, cfg.downsample_factor, "images"))
+        moments = blend_tiles(x, self._encode_plan(), lambda t: self._encode_moments(t, deterministic))
+        posterior = FlaxDiagonalGaussianDistribution(to_nchw(moments))
+        return FlaxAutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def tiled_decode(self, latents: jax.Array, deterministic: bool = True,
+                     return_dict: bool = True) -> FlaxDecoderOutput | tuple:
+        """Decode in overlapping blended tiles (diffusers' algorithm), whatever ``use_tiling`` says."""
+        z = to_nhwc(_check_input(latents, self.config.latent_channels, 1, "latents"))
+        sample = to_nchw(blend_tiles(z, self._decode_plan(), lambda t: self._decode_latents(t, deterministic)))
+        return FlaxDecoderOutput(sample=sample) if return_dict else (sample,)
+
+    # ------------------------------------------------------------------ NHWC internals
+    def _encode_moments(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """Encoder then quant_conv: (B, H, W, C) -> (B, H / f, W / f, 2 * latent_channels)."""
+        moments = self.encoder(x, deterministic)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def _decode_latents(self, z: jax.Array, deterministic: bool) -> jax.Array:
+        """post_quant_conv then decoder."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z, deterministic)
+
+    def _encode_nhwc(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0]:
+            return blend_tiles(x, self._encode_plan(), lambda t: self._encode_moments(t, deterministic))
+        return self._encode_moments(x, deterministic)
+
+    def _decode_nhwc(self, z: jax.Array, deterministic: bool) -> jax.Array:
+        if self.use_tiling and max(z.shape[1:3]) > self._tile_sizes()[1]:
+            return blend_tiles(z, self._decode_plan(), lambda t: self._decode_latents(t, deterministic))
+        return self._decode_latents(z, deterministic)
+
+    def _sliced(self, method: Any, x: jax.Array, deterministic: bool) -> jax.Array:
+        """``method(self, x)``, or with slicing one batch item at a time in a ``lax.map`` (a sequential loop)."""
+        if not self.use_slicing or x.shape[0] == 1 or self.is_initializing():
+            return method(self, x, deterministic)
+        module, variables = self.unbind()
+        return jax.lax.map(lambda item: module.apply(variables, item[None], deterministic, method=method)[0], x)
+
+    def _tile_sizes(self) -> tuple[int, int]:
+        """(tile in pixels, tile in latents)."""
+        tile = self.tile_sample_min_size or self.config.sample_height_width[0]
+        return tile, tile // self.config.downsample_factor
+
+    def _encode_plan(self):
+        return encode_plan(*self._tile_sizes(), self.tile_overlap_factor)
+
+    def _decode_plan(self):
+        return decode_plan(*self._tile_sizes(), self.tile_overlap_factor)
+
+
+@functools.lru_cache(maxsize=128)
+def _config_from_items(items: tuple[tuple[str, Any], ...]) -> AutoencoderKLConfig:
+    return AutoencoderKLConfig(**dict(items))
+
+
+def _check_tiling(mode: str, tile: int | None, overlap: float, factor: int) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"tiling_mode: unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < factor or tile % factor):
+        raise ConfigError(f"tile_sample_min_size must be a positive multiple of {factor}, got {tile!r}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"tile_overlap_factor must be in [0, 1), got {overlap!r}")
+
+
+def _check_input(x: Any, channels: int, multiple: int, what: str) -> jax.Array:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{what} must be an array, got {type(x).__name__}")
+    if len(x.shape) != 4 or x.shape[1] != channels:
+        raise InputShapeError(f"{what} must have shape (batch, {channels}, height, width) (NCHW); got "
+                              f"{tuple(x.shape)}")
+    if x.shape[2] % multiple or x.shape[3] % multiple:
+        raise InputShapeError(
+            f"{what} of shape {tuple(x.shape)}: height and width must be multiples of {multiple} (the model "
+            f"downsamples by {multiple}); pad or crop to ({x.shape[2] // multiple * multiple}, "
+            f"{x.shape[3] // multiple * multiple}) or the next multiple up")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{what} must be a floating-point array, got {x.dtype}")
+    return jnp.asarray(x)
