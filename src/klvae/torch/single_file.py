@@ -1,0 +1,83 @@
+"""Single-file checkpoints for the PyTorch model: ``from_single_file`` and export to the original layout."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from klvae.config import AutoencoderKLConfig
+from klvae.errors import WeightsError
+from klvae.fileio import atomic_write_with
+from klvae.torch.loading import as_torch_dtype, build_from_state_dict
+from klvae.weights.original import VAE_PREFIXES, diffusers_to_original
+from klvae.weights.single_file import PICKLE_SUFFIXES, SingleFileWeights, read_single_file, single_file_metadata
+from klvae.weights.sources import resolve_config_arg, resolve_single_file
+
+# diffusers' from_single_file arguments that change nothing here (downloads go through huggingface_hub).
+_IGNORED_KWARGS = {"force_download", "proxies", "low_cpu_mem_usage", "disable_mmap", "config_revision"}
+
+
+def read_vae(path_or_url: str | os.PathLike, config: AutoencoderKLConfig | Mapping[str, Any] | str | None = None,
+             *, subfolder: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+             revision: str | None = None, token: str | bool | None = None, framework: str = "pt") -> SingleFileWeights:
+    """Resolve the source and the config argument, then read the VAE (see ``read_single_file``)."""
+    path = resolve_single_file(path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
+                               revision=revision, token=token)
+    resolved = None if config is None else resolve_config_arg(
+        config, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    return read_single_file(path, resolved, framework=framework)
+
+
+def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
+                     torch_dtype: torch.dtype | str | None = None, **kwargs: Any):
+    """A ``cls`` model from a single-file checkpoint; see :meth:`PretrainedMixin.from_single_file`."""
+    options = {k: kwargs.pop(k) for k in ("subfolder", "cache_dir", "local_files_only", "revision", "token")
+               if k in kwargs}
+    if kwargs.pop("original_config", None) is not None:
+        raise TypeError("original_config (an LDM yaml) is not supported: the architecture is inferred from the "
+                        "weights; pass config= (a preset name, diffusers folder, config.json or dict) instead")
+    unknown = set(kwargs) - _IGNORED_KWARGS
+    if unknown:
+        raise TypeError(f"from_single_file got unexpected arguments: {', '.join(sorted(unknown))}")
+    weights = read_vae(path_or_url, config, **{k: v for k, v in options.items() if v is not None})
+    return build_from_state_dict(cls, weights.config, weights.state_dict, dtype=as_torch_dtype(torch_dtype),
+                                 source=weights.source)
+
+
+def original_state_dict(model: torch.nn.Module, prefix: str = "",
+                        dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights in the original layout, cast to ``dtype`` if given, contiguous and detached."""
+    dtype = as_torch_dtype(dtype)
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = diffusers_to_original(tensors, prefix=prefix, source=type(model).__name__)
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+            for k, v in tensors.items()}
+
+
+def save_single_file(model: torch.nn.Module, path: str | os.PathLike, *, prefix: str = "",
+                     dtype: torch.dtype | str | None = None) -> None:
+    """Write ``model`` as one original-layout file (what LDM/SGM code, ComfyUI and A1111 load).
+
+    ``.safetensors`` files carry the config in their metadata, so ``from_single_file`` restores the exact
+    config, latent factors included. ``.ckpt``/``.pt``/``.pth``/``.bin`` hold ``{"state_dict": ...}`` as the
+    original checkpoints do. ``prefix`` may be ``"first_stage_model."`` or ``"vae."`` to nest the keys as in a
+    full checkpoint. The file is written atomically: on any error no partial file is left.
+    """
+    path = os.fspath(path)
+    if prefix not in ("",) + VAE_PREFIXES:
+        raise ValueError(f"prefix must be one of {('',) + VAE_PREFIXES}, got {prefix!r}")
+    if os.path.isdir(path):
+        raise WeightsError(f"{path}: is a folder; save_single_file writes one file")
+    tensors = original_state_dict(model, prefix, dtype)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        metadata = single_file_metadata(model.config)
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    elif path.endswith(PICKLE_SUFFIXES):
+        atomic_write_with(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
+    else:
+        raise WeightsError(f"{path}: unknown file type; use .safetensors (recommended), .ckpt, .pt, .pth or .bin")
