@@ -100,6 +100,23 @@ class PretrainedMixin:
         return build_from_state_dict(cls, config, tensors, dtype=as_torch_dtype(torch_dtype), source=weights_path)
 
     @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, config: Any = None,
+                         torch_dtype: torch.dtype | str | None = None, **kwargs: Any):
+        """Load a single-file checkpoint (original or diffusers layout; a bare VAE or a full model holding one),
+        from a path or a hub file URL; ``config`` is a preset name, diffusers folder, config.json, dict or hub
+        repo id, else inferred from the weights. See :mod:`klvae.torch.single_file`."""
+        from klvae.torch.single_file import load_single_file
+
+        return load_single_file(cls, pretrained_model_link_or_path, config, torch_dtype, **kwargs)
+
+    def save_single_file(self, path: str | os.PathLike, *, prefix: str = "",
+                         dtype: torch.dtype | str | None = None) -> None:
+        """Write the weights as one original-layout file (see :func:`klvae.torch.single_file.save_single_file`)."""
+        from klvae.torch.single_file import save_single_file
+
+        save_single_file(self, path, prefix=prefix, dtype=dtype)
+
+    @classmethod
     def from_config(cls, config: AutoencoderKLConfig | dict[str, Any], **overrides: Any):
         """A randomly initialised model from a config (diffusers' ``from_config``)."""
         return cls(config if isinstance(config, AutoencoderKLConfig) else AutoencoderKLConfig.from_dict(config),
