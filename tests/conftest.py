@@ -53,3 +53,18 @@ def perturb_(module, seed: int = 0, scale: float = 0.1) -> None:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config_name(request) -> str:
     return request.param
+
+
+def diffusers_pair(fields: dict, seed: int = 0):
+    """(diffusers AutoencoderKL, klvae AutoencoderKL) in eval mode with the same perturbed random weights."""
+    import diffusers
+    import torch
+
+    import klvae
+
+    torch.manual_seed(seed)
+    theirs = diffusers.AutoencoderKL(**fields)
+    perturb_(theirs, seed=seed)
+    ours = klvae.AutoencoderKL(**fields)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs.eval(), ours.eval()

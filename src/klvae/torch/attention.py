@@ -6,7 +6,7 @@ the GroupNorm, projections and residual once, so every processor shares them. Pr
 - :class:`AttnProcessor2_0` (default): ``torch.nn.functional.scaled_dot_product_attention``, which picks a flash
   or memory-efficient kernel where one exists.
 - :class:`AttnProcessor`: plain matrix products with the softmax in float32, as diffusers' classic processor.
-- :class:`ChunkedAttnProcessor`: queries and keys in blocks with an online (running max) softmax in float32, so
+- :class:`ChunkedAttnProcessor`: queries and keys in blocks with an online (running max) softmax, all in float32, so
   memory stays O(query_chunk * key_chunk) however long the sequence (262,144 tokens for a 4096x4096 image).
 """
 
@@ -60,21 +60,23 @@ class ChunkedAttnProcessor(AttnProcessor2_0):
         return out
 
     def _attend_block(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # Scores, softmax and accumulation all in float32: low-precision logits would be the largest error.
+        q = q.float() * scale
         n_keys = k.shape[1]
-        if n_keys <= self.key_chunk_size:  # one key block: an ordinary float32 softmax
-            probs = (torch.bmm(q, k.transpose(1, 2)).float() * scale).softmax(dim=-1)
-            return torch.bmm(probs.to(v.dtype), v)
+        if n_keys <= self.key_chunk_size:  # one key block: an ordinary softmax
+            return torch.bmm(torch.bmm(q, k.float().transpose(1, 2)).softmax(dim=-1), v.float()).to(v.dtype)
         running_max = torch.full(q.shape[:2] + (1,), -math.inf, device=q.device, dtype=torch.float32)
         denom = torch.zeros(q.shape[:2] + (1,), device=q.device, dtype=torch.float32)
         acc = torch.zeros(q.shape[:2] + (v.shape[-1],), device=q.device, dtype=torch.float32)
         for start in range(0, n_keys, self.key_chunk_size):
-            kc, vc = k[:, start:start + self.key_chunk_size], v[:, start:start + self.key_chunk_size]
-            scores = torch.bmm(q, kc.transpose(1, 2)).float() * scale
+            kc = k[:, start:start + self.key_chunk_size].float()
+            vc = v[:, start:start + self.key_chunk_size].float()
+            scores = torch.bmm(q, kc.transpose(1, 2))
             new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
             correction = torch.exp(running_max - new_max)
             probs = torch.exp(scores - new_max)
             denom = denom * correction + probs.sum(dim=-1, keepdim=True)
-            acc = acc * correction + torch.bmm(probs.to(v.dtype), vc).float()
+            acc = acc * correction + torch.bmm(probs, vc)
             running_max = new_max
         return (acc / denom).to(v.dtype)
 
