@@ -12,6 +12,7 @@ from klvae.config import AutoencoderKLConfig
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
 from klvae.torch.loading import as_torch_dtype, build_from_state_dict
+from klvae.weights.layout import check_shapes, state_dict_shapes
 from klvae.weights.original import VAE_PREFIXES, diffusers_to_original
 from klvae.weights.single_file import PICKLE_SUFFIXES, SingleFileWeights, read_single_file, single_file_metadata
 from klvae.weights.sources import resolve_config_arg, resolve_single_file
@@ -47,14 +48,34 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
                                  source=weights.source)
 
 
-def original_state_dict(model: torch.nn.Module, prefix: str = "",
+def original_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "",
                         dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
-    """The model's weights in the original layout, cast to ``dtype`` if given, contiguous and detached."""
+    """A canonical state dict in the original layout, cast to ``dtype`` if given, contiguous and detached."""
     dtype = as_torch_dtype(dtype)
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = diffusers_to_original(tensors, prefix=prefix, source=type(model).__name__)
+    tensors = diffusers_to_original({k: v.detach() for k, v in state_dict.items()}, prefix=prefix)
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
             for k, v in tensors.items()}
+
+
+def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: AutoencoderKLConfig,
+                      *, prefix: str = "", dtype: torch.dtype | str | None = None) -> None:
+    """Write a canonical state dict as one original-layout file; see :func:`save_single_file`."""
+    path = os.fspath(path)
+    if prefix not in ("",) + VAE_PREFIXES:
+        raise ValueError(f"prefix must be one of {('',) + VAE_PREFIXES}, got {prefix!r}")
+    if os.path.isdir(path):
+        raise WeightsError(f"{path}: is a folder; a single file is written here")
+    if not path.endswith((".safetensors",) + PICKLE_SUFFIXES):
+        raise WeightsError(f"{path}: unknown file type; use .safetensors (recommended), .ckpt, .pt, .pth or .bin")
+    check_shapes(state_dict_shapes(config), {k: tuple(v.shape) for k, v in state_dict.items()}, path)
+    tensors = original_state_dict(state_dict, prefix, dtype)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        metadata = single_file_metadata(config)
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        atomic_write_with(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
 
 
 def save_single_file(model: torch.nn.Module, path: str | os.PathLike, *, prefix: str = "",
@@ -66,18 +87,4 @@ def save_single_file(model: torch.nn.Module, path: str | os.PathLike, *, prefix:
     original checkpoints do. ``prefix`` may be ``"first_stage_model."`` or ``"vae."`` to nest the keys as in a
     full checkpoint. The file is written atomically: on any error no partial file is left.
     """
-    path = os.fspath(path)
-    if prefix not in ("",) + VAE_PREFIXES:
-        raise ValueError(f"prefix must be one of {('',) + VAE_PREFIXES}, got {prefix!r}")
-    if os.path.isdir(path):
-        raise WeightsError(f"{path}: is a folder; save_single_file writes one file")
-    tensors = original_state_dict(model, prefix, dtype)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        metadata = single_file_metadata(model.config)
-        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    elif path.endswith(PICKLE_SUFFIXES):
-        atomic_write_with(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
-    else:
-        raise WeightsError(f"{path}: unknown file type; use .safetensors (recommended), .ckpt, .pt, .pth or .bin")
+    write_single_file(path, model.state_dict(), model.config, prefix=prefix, dtype=dtype)

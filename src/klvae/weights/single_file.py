@@ -128,6 +128,9 @@ def open_checkpoint(path: str) -> _Checkpoint:
     is_safetensors = path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")
     if is_safetensors:
         return _Safetensors(path)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip archive, or a pickle
+        raise WeightsError(f"{path}: unknown file format: neither safetensors nor a PyTorch checkpoint (the file "
+                           f"starts with {head[:8]!r})")
     try:
         import torch  # noqa: F401
     except ImportError:
