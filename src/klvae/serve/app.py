@@ -56,7 +56,7 @@ class Service:
         self.batcher = MicroBatcher(lambda key, x: engine.run(key[0], x), max_batch=settings.max_batch,
                                     max_wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue)
         # An image body (PNG/JPEG) may be at most the size of the largest float32 tensor accepted.
-        self.max_image_bytes = settings.max_pixels * engine.config.in_channels * 4 + (1 << 20)
+        self.max_image_bytes = settings.max_pixels * engine.config.in_channels * 4 + (1 << 16)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):

@@ -81,5 +81,5 @@ def encode_image(hwc: torch.Tensor, image_format: str) -> bytes:
     if image_format == "png":
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: no chroma blur
     return buffer.getvalue()

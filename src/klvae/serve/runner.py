@@ -6,6 +6,7 @@ lets requests in flight finish (up to ``graceful_timeout_s``), then the app's li
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -18,13 +19,30 @@ _DEFAULTS: dict[str, Any] = dict(lifespan="on", server_header=False, timeout_kee
                                  timeout_graceful_shutdown=30)
 
 
+class _Stopped(Exception):
+    """Raised by our signal handler once uvicorn has shut down and re-raises the signal it caught."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           **uvicorn_options: Any) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; blocks. Returns after a graceful shutdown."""
+    """Serve ``app`` until SIGINT/SIGTERM; blocks. Returns normally after a graceful shutdown (call from the main
+    thread: uvicorn handles the first signal, then re-raises it, which lands in our handler)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **(_DEFAULTS | uvicorn_options))
     server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopped = False
+    try:
+        server.run()
+    except _Stopped:
+        stopped = True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started and not stopped:
         raise OSError(f"the server could not start on {host}:{port} (see the log above)")
 
 
