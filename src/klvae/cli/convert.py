@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 def _read(kind: str, source: str, config_arg: str | None):
     """``(config, canonical torch state dict, dtype name or None)`` of IN."""
     if kind == "single-file":
-        from klvae.torch.single_file import read_vae
+        from klvae.weights.single_file import read_vae
 
         weights = read_vae(source, config_arg)
         config, tensors = weights.config, weights.state_dict

@@ -14,22 +14,10 @@ from klvae.fileio import atomic_write_with
 from klvae.torch.loading import as_torch_dtype, build_from_state_dict
 from klvae.weights.layout import check_shapes, state_dict_shapes
 from klvae.weights.original import VAE_PREFIXES, diffusers_to_original
-from klvae.weights.single_file import PICKLE_SUFFIXES, SingleFileWeights, read_single_file, single_file_metadata
-from klvae.weights.sources import resolve_config_arg, resolve_single_file
+from klvae.weights.single_file import PICKLE_SUFFIXES, read_vae, single_file_metadata
 
 # diffusers' from_single_file arguments that change nothing here (downloads go through huggingface_hub).
 _IGNORED_KWARGS = {"force_download", "proxies", "low_cpu_mem_usage", "disable_mmap", "config_revision"}
-
-
-def read_vae(path_or_url: str | os.PathLike, config: AutoencoderKLConfig | Mapping[str, Any] | str | None = None,
-             *, subfolder: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-             revision: str | None = None, token: str | bool | None = None, framework: str = "pt") -> SingleFileWeights:
-    """Resolve the source and the config argument, then read the VAE (see ``read_single_file``)."""
-    path = resolve_single_file(path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
-                               revision=revision, token=token)
-    resolved = None if config is None else resolve_config_arg(
-        config, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-    return read_single_file(path, resolved, framework=framework)
 
 
 def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,

@@ -65,7 +65,11 @@ class _Safetensors(_Checkpoint):
         from safetensors import safe_open
 
         try:
-            with safe_open(self.path, framework=framework) as f:
+            try:  # pread: tensors own their memory instead of staying backed by the file's map (safetensors>=0.8)
+                handle = safe_open(self.path, framework=framework, backend="pread")
+            except TypeError:  # older safetensors copy out of the map anyway
+                handle = safe_open(self.path, framework=framework)
+            with handle as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as e:  # safetensors' own errors name no file
             raise WeightsError(f"{self.path}: cannot read safetensors tensors ({type(e).__name__}: {e})") from None
@@ -222,6 +226,20 @@ def read_single_file(path: str, config: AutoencoderKLConfig | None = None,
         state_dict[new] = value
     return SingleFileWeights(config=config, state_dict=state_dict, source=path, layout=layout, prefix=prefix,
                              ignored=tuple(ignored))
+
+
+def read_vae(path_or_url: str | os.PathLike, config: Any = None, *, subfolder: str | None = None,
+             cache_dir: str | None = None, local_files_only: bool = False, revision: str | None = None,
+             token: str | bool | None = None, framework: str = "pt") -> SingleFileWeights:
+    """``read_single_file`` for what users pass: a local path or hub file URL, and ``config`` as a config, dict,
+    preset name, diffusers folder, ``config.json`` or hub repo id (see :mod:`klvae.weights.sources`)."""
+    from klvae.weights.sources import resolve_config_arg, resolve_single_file
+
+    path = resolve_single_file(path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
+                               revision=revision, token=token)
+    resolved = None if config is None else resolve_config_arg(
+        config, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    return read_single_file(path, resolved, framework=framework)
 
 
 def _embedded_config(ckpt: _Checkpoint) -> AutoencoderKLConfig | None:
