@@ -81,6 +81,22 @@ class FlaxPretrainedMixin:
         model = cls.from_config(config, dtype=dtype, param_dtype=param_dtype, precision=precision, **fields)
         return model, jax.tree_util.tree_map(jnp.asarray, params)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, config: Any = None,
+                         **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        """``(model, params)`` from a single-file checkpoint (original or diffusers layout; bare VAE or full
+        model), a path or hub file URL; ``config`` as for the torch model, else inferred. Takes ``dtype``,
+        ``param_dtype``, ``precision`` as :meth:`from_pretrained` does. See :mod:`klvae.flax.single_file`."""
+        from klvae.flax.single_file import load_single_file
+
+        return load_single_file(cls, pretrained_model_link_or_path, config, **kwargs)
+
+    def save_single_file(self, params: Any, path: str | os.PathLike, *, prefix: str = "", dtype: Any = None) -> None:
+        """Write ``params`` as one original-layout ``.safetensors`` file (see :mod:`klvae.flax.single_file`)."""
+        from klvae.flax.single_file import save_single_file
+
+        save_single_file(self, params, path, prefix=prefix, dtype=dtype)
+
     def save_pretrained(self, save_directory: str | os.PathLike, params: Any, *, variant: str | None = None,
                         dtype: Any = None, is_main_process: bool = True) -> None:
         """Write ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` in the canonical layout,
