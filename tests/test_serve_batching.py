@@ -109,6 +109,27 @@ def test_keys_are_never_mixed_and_batches_are_capped():
     assert all(o.shape[0] == (1 if i < 10 else 2) for i, o in enumerate(outs))
 
 
+def test_the_window_grows_with_slow_batches():
+    rec = Recorder(delay_s=0.5)
+
+    async def main():
+        b = MicroBatcher(rec, max_batch=8, max_wait_s=0.001)
+        await b.start()
+        key = ("decode", 4, 1, 1)
+        await b.submit(key, item(key))  # a lone request: the window stays max_wait_s
+        lone = b.wait_s
+        await asyncio.gather(b.submit(key, item(key)), b.submit(key, item(key)))  # requests arrive together
+        window = b.wait_s  # a tenth of the slow batches
+        first = asyncio.ensure_future(b.submit(key, item(key)))
+        await asyncio.sleep(0.01)  # longer than max_wait_s, well inside the grown window
+        await asyncio.gather(first, b.submit(key, item(key)))
+        await b.stop()
+        return lone, window
+
+    lone, window = run_async(main)
+    assert lone == 0.001 and window >= 0.05 and [n for _, n in rec.batches] == [1, 2, 2]
+
+
 def test_a_request_larger_than_max_batch_runs_alone():
     rec = Recorder()
 

@@ -17,6 +17,26 @@ TOKEN_ENV = "KLVAE_SERVE_TOKEN"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve encode/decode over HTTP (diffusers' remote VAE protocol)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m klvae.serve``: the same command without the rest of the command line."""
+    from klvae.errors import KLVAEError
+
+    p = argparse.ArgumentParser(prog="python -m klvae.serve", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except KLVAEError as e:
+        print(f"klvae serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a diffusers AutoencoderKL folder (config.json + weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
@@ -26,13 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest batch x height x width (image pixels) one request may decode or encode")
     p.add_argument("--max-batch", type=int, default=8, help="most items run on the model at once")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others of its shape to join its batch")
+                   help="how long a request waits for others of its shape to join its batch (longer on slow "
+                        "devices: up to a tenth of the recent batch time); 0: never wait")
     p.add_argument("--max-queue", type=int, default=64, help="most items waiting; beyond it requests get 503")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16 or bfloat16")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")
     p.add_argument("--tiling", action="store_true", help="decode/encode large images in tiles (less memory)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

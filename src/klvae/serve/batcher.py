@@ -1,9 +1,12 @@
 """Dynamic micro-batching: concurrent requests of the same kind and shape run on the model as one batch.
 
 Requests wait in arrival order. The worker takes the oldest one, gives others of the same key (operation and
-per-item shape) up to ``max_wait_s`` to arrive, then runs up to ``max_batch`` items together in one worker
-thread and hands each request its slice of the result. While a batch runs, new requests queue up, so under
-load batches fill without any waiting; one request alone waits at most ``max_wait_s``.
+per-item shape) a short window to arrive, then runs up to ``max_batch`` items together in one worker thread
+and hands each request its slice of the result. While a batch runs, new requests queue up, so under load
+batches fill without waiting at all. The window is ``max_wait_s``; while requests are arriving together (the
+last batch carried more than one), it grows to a tenth of the recent batch run time when that is longer: on a
+slow device, clients that were just answered get time to send their next request, and the wait adds at most
+about 10% to a request's time on the model. A lone client is never held back longer than ``max_wait_s``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from klvae.serve.errors import Unavailable
 log = logging.getLogger("klvae.serve")
 
 RunBatch = Callable[[Hashable, torch.Tensor], torch.Tensor]
+# The batching window grows to this fraction of the recent batch run time (see the module docstring).
+WAIT_FRACTION = 0.1
 
 
 @dataclasses.dataclass
@@ -63,6 +68,8 @@ class MicroBatcher:
         self._run = run
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.stats = BatchStats()
+        self._recent_batch_s = 0.0  # moving average of one batch's run time
+        self._last_batch_requests = 0
         self._pending: list[_Job] = []
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -123,9 +130,18 @@ class MicroBatcher:
             if batch:
                 await self._execute(key, batch)
 
+    @property
+    def wait_s(self) -> float:
+        """How long the oldest request waits for others to join its batch."""
+        if self._last_batch_requests <= 1:
+            return self.max_wait_s
+        return max(self.max_wait_s, WAIT_FRACTION * self._recent_batch_s)
+
     async def _gather(self, key: Hashable) -> None:
-        """Wait up to ``max_wait_s`` for more items of ``key``, unless a full batch is already there."""
-        deadline = time.monotonic() + self.max_wait_s
+        """Wait up to :attr:`wait_s` for more items of ``key``, unless a full batch is already there."""
+        if self.max_wait_s == 0:
+            return
+        deadline = time.monotonic() + self.wait_s
         while not self._closing and self._count(key) < self.max_batch:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -179,3 +195,5 @@ class MicroBatcher:
         s.requests += requests
         s.largest_batch = max(s.largest_batch, items)
         s.busy_s += seconds
+        self._last_batch_requests = requests
+        self._recent_batch_s = seconds if s.batches == 1 else 0.8 * self._recent_batch_s + 0.2 * seconds

@@ -1,0 +1,208 @@
+"""Throughput of `klvae serve` on loopback: one client at a time against 8 concurrent clients (micro-batched).
+
+Starts `klvae serve` as a subprocess (the real command, so client and server do not share a GIL), sends decode
+requests the way diffusers' remote_decode does, and reports requests per second for:
+
+  sequential   one client, one request at a time (the server never has two requests to batch);
+  concurrent   --clients clients at once, server batching up to --max-batch;
+  no batching  the same concurrent clients against a server started with --max-batch 1 (the ablation that
+               separates batching from mere overlap of HTTP work and model work).
+
+Rounds alternate sequential and concurrent runs and the median of each is reported, so background load on the
+machine hits both alike. Example:
+
+    python benchmarks/serve_throughput.py --size 64 --clients 8 --requests 48 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import requests
+
+CONFIGS = {
+    # SD-shaped (4 blocks, 2 resnets per block, f = 8) at a quarter of SD's width: big enough that a batch-1
+    # decode is dominated by per-layer work a batch shares, small enough for a CPU.
+    "quarter-sd": dict(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, layers_per_block=2),
+    "sd": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, layers_per_block=2),
+}
+
+
+def build_model(name: str, folder: str) -> dict:
+    import torch
+
+    from klvae.torch.model import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(**CONFIGS[name])
+    model.save_pretrained(folder)
+    return {"parameters": model.num_parameters(), "factor": model.config.downsample_factor,
+            "latent_channels": model.config.latent_channels}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`klvae serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: str, max_batch: int, extra: list[str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "klvae.serve", "--model", model, "--port", str(self.port),
+               "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {self.proc.stderr.read()}")
+            time.sleep(0.2)
+
+    def info(self) -> dict:
+        return requests.get(f"{self.url}/info", timeout=30).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def make_request(latent_shape: tuple[int, ...], output: str) -> tuple[dict, bytes]:
+    z = np.random.default_rng(0).standard_normal(latent_shape).astype(np.float32)
+    params = {"shape": list(latent_shape), "dtype": "float32", "scaling_factor": 0.18215}
+    params |= {"uint8": dict(output_type="pt", partial_postprocess=True), "pt": dict(output_type="pt"),
+               "png": dict(output_type="pil", image_format="png"),
+               "jpg": dict(output_type="pil", image_format="jpg")}[output]
+    return params, z.tobytes()
+
+
+def run_clients(url: str, clients: int, total: int, params: dict, body: bytes) -> float:
+    """Send ``total`` decode requests from ``clients`` threads (closed loop); return requests per second."""
+    per_client = [total // clients + (i < total % clients) for i in range(clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(n: int) -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            for _ in range(n):
+                r = session.post(f"{url}/decode", params=params, data=body, timeout=300)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in per_client]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return total / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="quarter-sd", choices=sorted(CONFIGS), help="random-weight model to serve")
+    p.add_argument("--model", help="serve this diffusers folder instead of a random --config model")
+    p.add_argument("--size", type=int, default=64, help="decoded image side in pixels")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=48, help="requests per timed run")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--output", default="uint8", choices=["uint8", "pt", "png", "jpg"],
+                   help="uint8: output_type=pt + partial_postprocess")
+    p.add_argument("--no-ablation", action="store_true", help="skip the --max-batch 1 concurrent run")
+    p.add_argument("--server-args", default="", help="extra `klvae serve` arguments, e.g. '--device cuda'")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            folder = args.model
+            with open(os.path.join(folder, "config.json")) as f:
+                cfg = json.load(f)
+            meta = {"parameters": None, "factor": 2 ** (len(cfg["block_out_channels"]) - 1),
+                    "latent_channels": cfg.get("latent_channels", 4)}
+        else:
+            folder = os.path.join(tmp, "model")
+            meta = build_model(args.config, folder)
+        f = meta["factor"]
+        latent_shape = (1, meta["latent_channels"], args.size // f, args.size // f)
+        params, body = make_request(latent_shape, args.output)
+        extra = args.server_args.split()
+
+        server = Server(folder, args.max_batch, extra)
+        try:
+            for clients in (1, args.clients, args.clients):  # warm-up: every batch size the run will see
+                run_clients(server.url, clients, 2 * args.clients, params, body)
+            seq, conc, batches, items = [], [], 0, 0
+            for _ in range(args.rounds):
+                seq.append(run_clients(server.url, 1, max(args.requests // 4, 4), params, body))
+                before = server.info()["batching"]
+                conc.append(run_clients(server.url, args.clients, args.requests, params, body))
+                after = server.info()
+                batches += after["batching"]["batches"] - before["batches"]
+                items += after["batching"]["items"] - before["items"]
+        finally:
+            server.stop()
+
+        unbatched = []
+        if not args.no_ablation:
+            server = Server(folder, 1, extra)
+            try:
+                run_clients(server.url, args.clients, 2 * args.clients, params, body)
+                for _ in range(args.rounds):
+                    unbatched.append(run_clients(server.url, args.clients, args.requests, params, body))
+            finally:
+                server.stop()
+
+    s, c = statistics.median(seq), statistics.median(conc)
+    result = {
+        "model": args.model or args.config, "parameters": meta["parameters"], "image": f"{args.size}x{args.size}",
+        "latents": list(latent_shape), "output": args.output, "clients": args.clients, "max_batch": args.max_batch,
+        "device": after["model"]["device"], "dtype": after["model"]["dtype"], "torch_threads": _torch_threads(),
+        "sequential_rps": round(s, 2), "concurrent_rps": round(c, 2), "speedup": round(c / s, 2),
+        "mean_batch_concurrent": round(items / batches, 2) if batches else None,
+        "sequential_runs": [round(v, 2) for v in seq], "concurrent_runs": [round(v, 2) for v in conc],
+    }
+    if unbatched:
+        u = statistics.median(unbatched)
+        result |= {"no_batching_rps": round(u, 2), "batching_over_no_batching": round(c / u, 2),
+                   "no_batching_runs": [round(v, 2) for v in unbatched]}
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    print(json.dumps(result, indent=2))
+    print(f"\n{args.clients} clients: {c:.2f} req/s vs one at a time {s:.2f} req/s = {c / s:.2f}x"
+          + (f"; batching vs no batching at {args.clients} clients: {c / statistics.median(unbatched):.2f}x"
+             if unbatched else ""))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()
