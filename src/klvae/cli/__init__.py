@@ -13,6 +13,8 @@ from klvae.errors import KLVAEError
 # ``func(args)`` returns the exit status. Modules are imported only to register, so keep their imports lazy.
 SUBCOMMAND_MODULES = [
     "klvae.cli.presets",
+    "klvae.cli.train",
+    "klvae.cli.eval",
     "klvae.cli.convert",
     "klvae.cli.serve",
 ]

@@ -1,0 +1,92 @@
+"""``klvae eval [MODEL] IMAGE_DIR``: reconstruction quality of a VAE on a folder of images.
+
+Each image is encoded, its posterior's mode decoded, and PSNR, SSIM (and LPIPS-VGG when its weights are
+installed) are reported per image and as mean +- std, as the SD VAE model cards report them. MODEL is a diffusers
+folder, a single-file checkpoint, a training checkpoint or run folder; without it, klvae's default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="PSNR/SSIM/LPIPS of a VAE's reconstructions of a folder of images",
+                       description=__doc__)
+    p.add_argument("model", nargs="?", default=None, help="diffusers folder, single file, training checkpoint or run "
+                   "folder (default: klvae.DEFAULT_MODEL)")
+    p.add_argument("image_dir", help="folder of images (nested folders, jpg/png/webp)")
+    p.add_argument("--size", type=int, default=None,
+                   help="centre-crop each image to SIZE x SIZE (default: the whole image, cut to a multiple of 8)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--lpips", choices=("auto", "yes", "no"), default="auto",
+                   help="LPIPS-VGG: auto = when its weights are installed")
+    p.add_argument("--no-ema", action="store_true", help="for training checkpoints: the raw weights, not the EMA")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=run)
+
+
+def load_any_model(path: str | None, use_ema: bool = True):
+    """An AutoencoderKL from a diffusers folder, a training run/checkpoint or a single file (eval mode, fp32)."""
+    from klvae.torch.model import AutoencoderKL
+    from klvae.torch.train.checkpoint import model_from_checkpoint
+
+    if path is None:
+        from klvae import DEFAULT_MODEL
+
+        path = DEFAULT_MODEL
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return AutoencoderKL.from_pretrained(path).float().eval()
+        return model_from_checkpoint(path, use_ema=use_ema).float()
+    if path.endswith(".pt"):
+        import torch
+
+        head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(head, dict) and "model_config" in head:
+            return model_from_checkpoint(path, use_ema=use_ema).float()
+    return AutoencoderKL.from_single_file(path).float().eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from klvae.train.data import load_eval_images
+    from klvae.torch.train.metrics import mean_std
+    from klvae.torch.train.trainer import evaluate_images
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_any_model(args.model, use_ema=not args.no_ema)
+    lpips = None
+    if args.lpips != "no":
+        from klvae.torch.train.lpips import LPIPS, find_weights
+
+        if args.lpips == "yes" or find_weights() is not None:
+            lpips = LPIPS()
+    paths, images = load_eval_images(args.image_dir, args.size, model.config.downsample_factor, args.limit)
+    values = evaluate_images(model, images, lpips)
+    metrics = list(values)
+    rows = []
+    width = max(len(os.path.relpath(p, args.image_dir)) for p in paths)
+    print(f"{'image':{width}s}  {'size':>9s}  " + "  ".join(f"{m:>7s}" for m in metrics))
+    for i, (p, im) in enumerate(zip(paths, images)):
+        rel = os.path.relpath(p, args.image_dir)
+        row = {"image": rel, "height": im.shape[0], "width": im.shape[1], **{m: values[m][i] for m in metrics}}
+        rows.append(row)
+        print(f"{rel:{width}s}  {im.shape[0]:>4d}x{im.shape[1]:<4d}  " + "  ".join(f"{row[m]:7.4f}" for m in metrics))
+    summary = {m: dict(zip(("mean", "std"), mean_std(values[m]))) for m in metrics}
+    print(f"{len(rows)} images: " + ", ".join(f"{m.upper()} {s['mean']:.4f} +- {s['std']:.4f}"
+                                            for m, s in summary.items()))
+    if args.json:
+        from klvae.fileio import atomic_write_bytes
+
+        out = {"model": args.model, "image_dir": args.image_dir, "size": args.size, "images": rows,
+               "summary": summary}
+        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
+    sys.stdout.flush()
+    return 0

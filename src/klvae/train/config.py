@@ -1,0 +1,226 @@
+"""The training configuration: nested frozen dataclasses read from a TOML file (no torch, no jax).
+
+A TOML file has one table per section::
+
+    [model]   preset = "sd1"  | pretrained = "path/to/diffusers/folder"  | config = {block_out_channels = [...]}
+    [data]    train_dir = "images/"  crop_size = 256  batch_size = 4
+    [optim]   lr = 1e-4  max_steps = 10000  warmup_steps = 500  schedule = "cosine"
+    [loss]    l1_weight = 1.0  perceptual_weight = 1.0  kl_weight = 1e-6  disc_start = 50001
+    [train]   output_dir = "runs/my-vae"  ema_decay = 0.999  checkpoint_every = 500
+
+Relative paths in the file are resolved against the file's folder. Unknown keys are errors (a typo must not be
+silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from klvae.errors import ConfigError
+
+RECON_LOSSES = ("l1", "l2")
+DISC_LOSSES = ("hinge", "vanilla")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """Which autoencoder to train: a preset, a pretrained folder/file (fine-tuning), and field overrides."""
+
+    preset: str | None = None
+    pretrained: str | None = None      # diffusers folder or single file, loaded with from_pretrained/from_single_file
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)   # AutoencoderKLConfig field overrides
+    train_decoder_only: bool = False   # freeze encoder + quant_conv (decoder fine-tuning, as sd-vae-ft-mse)
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection:
+    train_dir: str = ""
+    val_dir: str | None = None
+    crop_size: int = 256
+    batch_size: int = 4                # per process
+    random_flip: bool = True
+    min_scale: float = 1.0             # random down-scaling of the image before cropping, in [min_scale, 1]
+    channel_shuffle: bool = False      # randomly permute RGB (colour augmentation for tiny datasets)
+    val_size: int = 256                # validation images are centre-cropped to this size (a multiple of 8)
+    max_val_images: int = 16
+    cache_images: bool = True          # keep decoded training images in memory
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSection:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0          # cosine decays to lr * min_lr_ratio
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 0.0             # max grad norm; 0 disables
+    disc_lr: float | None = None       # None: same as lr
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSection:
+    """The LDM objective: sums per image averaged over the batch (see klvae.torch.train.losses)."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    lpips_weights: str | None = None   # a file; None searches the installed packages (see lpips.find_weights)
+    allow_random_lpips: bool = False   # tests only: a randomly initialised LPIPS network
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+    disc_start: int = -1               # step from which the GAN term is on; -1 disables the discriminator
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    adaptive_disc_weight: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSection:
+    output_dir: str = "runs/klvae"
+    seed: int = 0
+    precision: str = "fp32"            # "bf16": autocast for the forward pass (weights and optimiser stay fp32)
+    ema_decay: float = 0.0             # 0 disables EMA
+    num_threads: int = 0               # torch intra-op threads; 0 leaves torch's default
+    log_every: int = 10
+    val_every: int = 500
+    sample_every: int = 500
+    checkpoint_every: int = 500        # steps
+    checkpoint_minutes: float = 0.0    # also checkpoint when this much wall time passed; 0 disables
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    train: RunSection = dataclasses.field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for section in out.values():
+            for k, v in list(section.items()):
+                if v is None:
+                    del section[k]     # TOML has no null
+                elif isinstance(v, tuple):
+                    section[k] = list(v)
+        return out
+
+    def replace(self, **sections: Mapping[str, Any]) -> TrainConfig:
+        """A copy with fields of some sections changed: ``cfg.replace(optim={"lr": 1e-5})``."""
+        data = dataclasses.asdict(self)
+        for name, changes in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown config section {name!r}; sections: {', '.join(_SECTIONS)}")
+            data[name].update(changes)
+        return TrainConfig.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config", base_dir: str | None = None) -> TrainConfig:
+        unknown = sorted(set(data) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(_SECTIONS)}")
+        sections = {}
+        for name, klass in _SECTIONS.items():
+            values = dict(data.get(name, {}))
+            fields = {f.name: f for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - set(fields))
+            if bad:
+                raise ConfigError(f"{source}: [{name}] has unknown key(s) {', '.join(bad)}; "
+                                  f"known: {', '.join(fields)}")
+            for k, v in values.items():
+                if isinstance(v, list) and k != "config":
+                    values[k] = tuple(v)
+                if base_dir and k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
+                    if k != "pretrained" or os.path.exists(os.path.join(base_dir, v)):
+                        values[k] = os.path.normpath(os.path.join(base_dir, v))
+            try:
+                sections[name] = klass(**values)
+            except TypeError as e:
+                raise ConfigError(f"{source}: [{name}]: {e}") from None
+        try:
+            return cls(**sections)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "loss": LossSection,
+             "train": RunSection}
+_PATH_KEYS = {"train_dir", "val_dir", "output_dir", "pretrained", "lpips_weights"}
+
+
+def load_train_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None
+                      ) -> TrainConfig:
+    """Read a TOML training config; relative paths are taken relative to the file's folder."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for name, changes in (overrides or {}).items():
+        data.setdefault(name, {}).update(changes)
+    return TrainConfig.from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def dump_train_config(config: TrainConfig) -> str:
+    """The config as TOML text (written next to checkpoints so a run records what it was)."""
+    import tomli_w
+
+    return tomli_w.dumps(config.to_dict())
+
+
+def _validate(c: TrainConfig) -> None:
+    def positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"[{section}] {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    if c.model.preset is not None and c.model.pretrained is not None:
+        raise ConfigError("[model] give either preset or pretrained, not both")
+    for name in ("crop_size", "batch_size", "val_size", "max_val_images"):
+        positive("data", name, getattr(c.data, name))
+    if not 0 < c.data.min_scale <= 1:
+        raise ConfigError(f"[data] min_scale must be in (0, 1], got {c.data.min_scale}")
+    positive("optim", "lr", c.optim.lr)
+    positive("optim", "max_steps", c.optim.max_steps)
+    positive("optim", "grad_accum", c.optim.grad_accum)
+    positive("optim", "warmup_steps", c.optim.warmup_steps, allow_zero=True)
+    positive("optim", "weight_decay", c.optim.weight_decay, allow_zero=True)
+    positive("optim", "grad_clip", c.optim.grad_clip, allow_zero=True)
+    if c.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"[optim] schedule must be one of {', '.join(SCHEDULES)}, got {c.optim.schedule!r}")
+    for name in ("l1_weight", "l2_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
+        positive("loss", name, getattr(c.loss, name), allow_zero=True)
+    if c.loss.l1_weight == 0 and c.loss.l2_weight == 0 and c.loss.perceptual_weight == 0:
+        raise ConfigError("[loss] l1_weight, l2_weight and perceptual_weight are all zero: nothing to reconstruct")
+    if c.loss.disc_loss not in DISC_LOSSES:
+        raise ConfigError(f"[loss] disc_loss must be one of {', '.join(DISC_LOSSES)}, got {c.loss.disc_loss!r}")
+    if c.train.precision not in PRECISIONS:
+        raise ConfigError(f"[train] precision must be one of {', '.join(PRECISIONS)}, got {c.train.precision!r}")
+    if not 0 <= c.train.ema_decay < 1:
+        raise ConfigError(f"[train] ema_decay must be in [0, 1), got {c.train.ema_decay}")
+    for name in ("log_every", "val_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        positive("train", name, getattr(c.train, name))

@@ -1,0 +1,154 @@
+"""Image-folder datasets for training and evaluation (numpy + Pillow; shared by both backends).
+
+Batches are a pure function of ``(seed, step, rank)``: no iterator state has to be saved for an exact resume,
+and each data-parallel process draws different crops.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from klvae.errors import KLVAEError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class DatasetError(KLVAEError):
+    """A dataset folder is missing or holds no readable image."""
+
+
+def list_images(root: str) -> list[str]:
+    """Image files under ``root`` (nested folders included), sorted, hidden files skipped."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: not a folder")
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(folder, f) for f in files
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB (grey is repeated, alpha composited on white)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "P") and ("A" in im.mode or "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, rgba)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _readable(paths: Sequence[str]) -> list[str]:
+    """Paths whose files decode; the others are skipped with one warning each."""
+    from PIL import Image
+
+    good = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            good.append(p)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for bad files
+            warnings.warn(f"skipping unreadable image {p}: {type(e).__name__}: {e}", stacklevel=3)
+    return good
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    return (images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5) - 1.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 (clipped, rounded)."""
+    x = np.clip((np.asarray(images, dtype=np.float32) + 1.0) * 127.5, 0, 255)
+    return np.round(x).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+class ImageFolder:
+    """Random crops of the images under a folder: ``batch(step, rank)`` -> (B, 3, crop, crop) float32 in [-1, 1].
+
+    Each crop picks an image uniformly, scales it by a random factor in ``[min_scale, 1]`` (never below the
+    crop size), takes a random ``crop_size`` square and flips it left-right with probability 1/2.
+    """
+
+    def __init__(self, root: str, crop_size: int, *, batch_size: int, seed: int = 0, random_flip: bool = True,
+                 min_scale: float = 1.0, channel_shuffle: bool = False, cache: bool = True):
+        paths = list_images(root)
+        if not paths:
+            raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        self.paths = _readable(paths)
+        if not self.paths:
+            raise DatasetError(f"{root}: none of the {len(paths)} image files could be read")
+        self.crop_size, self.batch_size, self.seed = crop_size, batch_size, seed
+        self.random_flip, self.min_scale, self.cache = random_flip, min_scale, cache
+        self.channel_shuffle = channel_shuffle
+        self._images: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, index: int) -> np.ndarray:
+        if index in self._images:
+            return self._images[index]
+        image = load_rgb(self.paths[index])
+        if self.cache:
+            self._images[index] = image
+        return image
+
+    def batch(self, step: int, rank: int = 0) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, rank])
+        crops = [self._crop(rng) for _ in range(self.batch_size)]
+        return to_model_input(np.stack(crops))
+
+    def _crop(self, rng: np.random.Generator) -> np.ndarray:
+        from PIL import Image
+
+        index = int(rng.integers(len(self.paths)))
+        image = self.image(index)
+        h, w = image.shape[:2]
+        c = self.crop_size
+        scale = float(rng.uniform(self.min_scale, 1.0)) if self.min_scale < 1 else 1.0
+        # Cut a window of c / scale pixels and resize it to c (cheaper than resizing the whole image); an image
+        # smaller than the crop is upscaled.
+        size = min(h, w, max(1, round(c / scale)))
+        top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        crop = image[top:top + size, left:left + size]
+        if size != c:
+            resample = Image.Resampling.BICUBIC if size < c else Image.Resampling.LANCZOS
+            crop = np.asarray(Image.fromarray(crop).resize((c, c), resample))
+        if self.random_flip and rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if self.channel_shuffle:
+            crop = crop[:, :, rng.permutation(3)]
+        return np.ascontiguousarray(crop)
+
+
+def center_crop(image: np.ndarray, size: int | None, multiple: int = 8) -> np.ndarray:
+    """Centre crop to ``size`` (or the largest multiple of ``multiple`` when None or larger than the image)."""
+    h, w = image.shape[:2]
+    th = min(size or h, h) // multiple * multiple
+    tw = min(size or w, w) // multiple * multiple
+    if th == 0 or tw == 0:
+        raise DatasetError(f"image of {h}x{w} pixels is smaller than {multiple} pixels")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return image[top:top + th, left:left + tw]
+
+
+def load_eval_images(root: str, size: int | None, multiple: int = 8, limit: int | None = None
+                     ) -> tuple[list[str], list[np.ndarray]]:
+    """Readable images under ``root``, centre-cropped (see :func:`center_crop`): (paths, uint8 HWC arrays)."""
+    paths = list_images(root)
+    if not paths:
+        raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    paths = _readable(paths)[:limit]
+    if not paths:
+        raise DatasetError(f"{root}: no readable images")
+    return paths, [center_crop(load_rgb(p), size, multiple) for p in paths]
