@@ -48,8 +48,8 @@ def ldm_pairs(fields: dict) -> list[tuple[str, str]]:
         resnet(f"{side}.mid_block.resnets.1", f"{side}.mid.block_2")
         a, o = f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1"
         both(f"{a}.group_norm", f"{o}.norm")
-        for d, l in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            both(f"{a}.{d}", f"{o}.{l}")
+        for new, old in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            both(f"{a}.{new}", f"{o}.{old}")
 
     for side in ("encoder", "decoder"):
         both(f"{side}.conv_in", f"{side}.conv_in")
@@ -116,7 +116,7 @@ def outputs(model, x):
 def assert_same_outputs(ours, theirs, in_channels=3, tol=1e-5):
     g = torch.Generator().manual_seed(7)
     x = torch.rand(2, in_channels, 16, 24, generator=g) * 2 - 1
-    for a, b, name in zip(outputs(ours, x), outputs(theirs, x), ("mean", "logvar", "decoded")):
+    for a, b, name in zip(outputs(ours, x), outputs(theirs, x), ("mean", "logvar", "decoded"), strict=True):
         err = rel_err(a, b)
         assert err < tol, f"{name}: relative error {err}"
 

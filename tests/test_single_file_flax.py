@@ -87,7 +87,7 @@ def test_safetensors_path_needs_no_torch(tmp_path):
     save_file(to_ldm(ref.state_dict(), FLUX_LIKE), path)
     code = ("import sys; sys.modules['torch'] = None\n"
             "from klvae.flax import FlaxAutoencoderKL\n"
-            f"m, p = FlaxAutoencoderKL.from_single_file({path!r}, config='flux' if False else {dict(FLUX_LIKE)!r})\n"
+            f"m, p = FlaxAutoencoderKL.from_single_file({path!r}, config={dict(FLUX_LIKE)!r})\n"
             "print(m.config.latent_channels, p['encoder']['conv_in']['kernel'].shape)\n"
             f"try:\n    FlaxAutoencoderKL.from_single_file({str(tmp_path / 'x.ckpt')!r})\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")

@@ -1,7 +1,7 @@
 """``klvae convert IN OUT``: convert VAE weights between diffusers folders, original single files and Flax.
 
-IN is a diffusers folder (or hub repo id), a Flax folder (``config.json`` + ``diffusion_flax_model.msgpack``, the layout of
-diffusers' ``FlaxAutoencoderKL``), or a single file (local or
+IN is a diffusers folder (or hub repo id), a Flax folder (``config.json`` + ``diffusion_flax_model.msgpack``,
+the layout of diffusers' ``FlaxAutoencoderKL``), or a single file (local or
 a hub file URL; original or diffusers layout; a bare VAE or a full checkpoint holding one). OUT's kind comes
 from ``--to``, else from its name: ``.safetensors``/``.ckpt``/``.pt``/``.pth``/``.bin`` is an original-layout
 single file, anything else a diffusers folder. Weights keep their dtype unless ``--dtype`` is given. Output
