@@ -1,0 +1,335 @@
+"""What the image subcommands share: model options and loading, a backend-neutral runner, outputs, progress.
+
+A :class:`Runner` hides the backend: it takes and returns numpy arrays (NCHW float32), so encode, decode,
+roundtrip and cache are written once for PyTorch and Flax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+
+from klvae.cli.options import DTYPES
+from klvae.config import AutoencoderKLConfig
+from klvae.errors import KLVAEError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DEFAULT_MODEL_NAME = "default"
+
+T = TypeVar("T")
+
+
+class CLIError(KLVAEError):
+    """Bad command-line input: a missing file, an output in the way, an option the backend cannot honour."""
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def default_model() -> str:
+    """The bundled default model's folder (``klvae.DEFAULT_MODEL``)."""
+    import klvae
+
+    path = getattr(klvae, "DEFAULT_MODEL", None)
+    if path is None:
+        raise CLIError("no bundled default model in this installation; pass --model (a diffusers folder, single "
+                       "file or hub repo id)")
+    return os.fspath(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    kind: str     # "folder", "file" (single file or hub file URL) or "hub" (repo id)
+    location: str
+    name: str     # as the user named it (recorded in output metadata)
+
+
+def model_source(arg: str | None) -> ModelSource:
+    """Where ``--model`` points, checked before anything heavy is imported."""
+    if arg is None:
+        return ModelSource("folder", default_model(), DEFAULT_MODEL_NAME)
+    if os.path.isdir(arg):
+        return ModelSource("folder", arg, arg)
+    if os.path.isfile(arg):
+        return ModelSource("file", arg, arg)
+    from klvae.weights.sources import parse_hub_url
+
+    if parse_hub_url(arg) is not None:
+        return ModelSource("file", arg, arg)
+    parts = arg.split("/")
+    if len(parts) == 2 and all(parts) and not arg.startswith((".", "~")) and not arg.endswith(SINGLE_FILE_SUFFIXES):
+        return ModelSource("hub", arg, arg)
+    raise CLIError(f"--model {arg}: no such file or folder (and not a hub repo id such as org/name)")
+
+
+class Runner:
+    """A loaded model behind numpy in, numpy out. Subclasses implement one backend."""
+
+    config: AutoencoderKLConfig
+    source: ModelSource
+    backend: str
+    dtype: str      # float32, float16 or bfloat16
+    device: str
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, C, H, W) float32 in [-1, 1] -> the posterior's (mean, logvar), each (B, c, h, w) float32."""
+        raise NotImplementedError
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(B, c, h, w) raw latents -> (B, C, H, W) float32 images (in [-1, 1] up to model error)."""
+        raise NotImplementedError
+
+    @property
+    def factor(self) -> int:
+        return self.config.downsample_factor
+
+    def describe(self) -> str:
+        return f"{self.source.name} ({self.backend}, {self.dtype}, {self.device})"
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, source: ModelSource, dtype: str, device: str, tiling: str | None, model_config: str | None):
+        import torch
+
+        from klvae.torch.model import AutoencoderKL
+
+        self.torch = torch
+        self.source = source
+        self.device = _torch_device(device)
+        torch_dtype = getattr(torch, DTYPES[dtype])
+        if source.kind == "file":
+            model = AutoencoderKL.from_single_file(source.location, config=model_config, torch_dtype=torch_dtype)
+        else:
+            _no_config_for_folders(model_config)
+            model = AutoencoderKL.from_pretrained(source.location, torch_dtype=torch_dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.config = model.config
+        self.dtype = DTYPES[dtype]
+        if tiling is not None:
+            from klvae.tiling import ALL_MODES, DEFAULT_MODE
+
+            mode = DEFAULT_MODE if tiling == "default" else tiling
+            if mode not in ALL_MODES:
+                raise CLIError(f"--tiling {tiling}: unknown mode; choose one of {', '.join(ALL_MODES)}")
+            self.model.enable_tiling(mode)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device, self.model.dtype)
+            dist = self.model.encode(x).latent_dist
+            return _np(dist.mean), _np(dist.logvar)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            z = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(self.device, self.model.dtype)
+            return _np(self.model.decode(z).sample)
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _torch_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return device
+
+
+def _no_config_for_folders(model_config: str | None) -> None:
+    if model_config is not None:
+        raise CLIError("--config applies to single-file models only (folders and hub repos carry config.json)")
+
+
+class FlaxRunner(Runner):
+    backend = "flax"
+
+    def __init__(self, source: ModelSource, dtype: str, device: str, tiling: str | None, model_config: str | None):
+        try:
+            import jax
+            import jax.numpy as jnp
+
+            from klvae.flax import FlaxAutoencoderKL
+        except ImportError as e:
+            raise CLIError(f"--backend flax needs jax and flax (pip install 'klvae[flax]'): {e}") from None
+        self.jax = jax
+        self.source = source
+        self.dtype = DTYPES[dtype]
+        self.device = _jax_device(jax, device)
+        jdtype = getattr(jnp, self.dtype)
+        options = dict(dtype=jdtype, param_dtype=jdtype)
+        if source.kind == "file":
+            model, params = FlaxAutoencoderKL.from_single_file(source.location, config=model_config, **options)
+        else:
+            _no_config_for_folders(model_config)
+            model, params = FlaxAutoencoderKL.from_pretrained(source.location, **options)
+        if tiling is not None:
+            mode = "blend" if tiling == "default" else tiling
+            try:
+                model = model.with_tiling(mode)
+            except (ValueError, KLVAEError) as e:
+                raise CLIError(f"--tiling {tiling} with --backend flax: {e}") from None
+        self.model = model
+        self.config = model.config
+        self.params = jax.device_put(params, self.device)
+
+        def encode(p, x):
+            dist = model.apply({"params": p}, x, method=FlaxAutoencoderKL.encode).latent_dist
+            return dist.mean, dist.logvar
+
+        def decode(p, z):
+            return model.apply({"params": p}, z, method=FlaxAutoencoderKL.decode).sample
+
+        self._encode, self._decode = jax.jit(encode), jax.jit(decode)
+
+    def _put(self, a: np.ndarray):
+        return self.jax.device_put(np.ascontiguousarray(a, np.float32), self.device)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, logvar = self._encode(self.params, self._put(images))
+        return np.asarray(mean, np.float32), np.asarray(logvar, np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return np.asarray(self._decode(self.params, self._put(latents)), np.float32)
+
+
+def _jax_device(jax, name: str):
+    if name == "auto":
+        return jax.devices()[0]
+    platform, _, index = name.partition(":")
+    platform = {"cuda": "gpu"}.get(platform, platform)
+    try:
+        devices = jax.devices(platform)
+        return devices[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise CLIError(f"--device {name}: no such JAX device ({e})") from None
+
+
+def load_runner(args: argparse.Namespace) -> Runner:
+    """The model the options name, loaded on its backend and device."""
+    source = model_source(args.model)
+    cls = TorchRunner if args.backend == "torch" else FlaxRunner
+    try:
+        return cls(source, args.dtype, args.device, args.tiling, args.model_config)
+    except (ValueError, TypeError) as e:  # e.g. an unknown --config preset raised as ValueError by a lower layer
+        if isinstance(e, KLVAEError):
+            raise
+        raise CLIError(f"--model {source.name}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def check_outputs(paths: Iterable[str], force: bool) -> None:
+    """Refuse to overwrite (before any work is done) unless ``force``; a folder is never replaced by a file."""
+    paths = list(paths)
+    if len(set(paths)) != len(paths):
+        seen: set[str] = set()
+        dup = next(p for p in paths if p in seen or seen.add(p))
+        raise CLIError(f"{dup}: two inputs would write the same output; give them different names")
+    for path in paths:
+        if os.path.isdir(path):
+            raise CLIError(f"{path}: is a folder; cannot write a file there")
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise CLIError(f"{existing[0]}: already exists{more}; pass --force to overwrite")
+
+
+def unique_stems(paths: list[str]) -> list[str]:
+    """Output base names for inputs: the file stem, with the parent folder prepended where stems collide."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    out = []
+    for p, s in zip(paths, stems):
+        if stems.count(s) > 1:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(p)))
+            s = f"{parent}-{s}"
+        out.append(s)
+    return out
+
+
+def progress(items: Iterable[T], total: int | None, desc: str, quiet: bool, unit: str = "img") -> Iterator[T]:
+    """``items`` with a progress bar on an interactive stderr (tqdm, when installed)."""
+    if quiet or not sys.stderr.isatty():
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield from items
+        return
+    yield from tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def note(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def model_metadata(runner: Runner) -> dict[str, Any]:
+    """What an output file records about the model that made it."""
+    return {"model": runner.source.name, "backend": runner.backend, "dtype": runner.dtype,
+            "config": runner.config.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def expand_inputs(inputs: list[str], is_wanted, what: str) -> list[str]:
+    """Files as given, folders replaced by their wanted files (sorted, not recursive); missing paths are errors."""
+    out: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n) for n in os.listdir(item)
+                           if is_wanted(n) and not n.startswith(".") and os.path.isfile(os.path.join(item, n)))
+            if not found:
+                raise CLIError(f"{item}: a folder with no {what} in it")
+            out.extend(found)
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise CLIError(f"{item}: no such file or folder")
+    return out
+
+
+def check_images_readable(paths: list[str]) -> None:
+    """Open every image's header (cheap), so a bad input fails before the model loads or anything is written."""
+    from klvae.images import ImageError, _pil
+
+    Image = _pil()
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # Pillow raises many kinds
+            raise ImageError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
+        if w == 0 or h == 0:
+            raise ImageError(f"{path}: the image is empty ({w}x{h})")
+
+
+def batches_by_shape(items: Iterable[T], shape_of, batch_size: int) -> Iterator[list[T]]:
+    """Group items of equal ``shape_of(item)`` into batches of up to ``batch_size``, keeping few in memory."""
+    pending: dict[Any, list[T]] = {}
+    for item in items:
+        group = pending.setdefault(shape_of(item), [])
+        group.append(item)
+        if len(group) >= batch_size:
+            yield pending.pop(shape_of(item))
+    yield from pending.values()
