@@ -8,8 +8,8 @@ requests the way diffusers' remote_decode does, and reports requests per second 
   no batching  the same concurrent clients against a server started with --max-batch 1 (the ablation that
                separates batching from mere overlap of HTTP work and model work).
 
-Rounds alternate sequential and concurrent runs and the median of each is reported, so background load on the
-machine hits both alike. Example:
+Both servers run side by side; each round times the three cases back to back and the speedups reported are
+medians of the per-round ratios, so background load on the machine hits all cases alike. Example:
 
     python benchmarks/serve_throughput.py --size 64 --clients 8 --requests 48 --rounds 3
 """
@@ -78,6 +78,15 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start: {self.proc.stderr.read()}")
             time.sleep(0.2)
+
+    def cpu_s(self) -> float | None:
+        """CPU time the server process has used (all threads), from /proc; None where there is no /proc."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def info(self) -> dict:
         return requests.get(f"{self.url}/info", timeout=30).json()
@@ -153,49 +162,65 @@ def main() -> None:
         params, body = make_request(latent_shape, args.output)
         extra = args.server_args.split()
 
-        server = Server(folder, args.max_batch, extra)
+        servers = {"batched": Server(folder, args.max_batch, extra)}
+        if not args.no_ablation:
+            servers["unbatched"] = Server(folder, 1, extra)
+        runs: dict[str, list[float]] = {"sequential": [], "concurrent": [], "no_batching": []}
+        cpu: dict[str, list[float]] = {"sequential": [], "concurrent": [], "no_batching": []}  # server CPU s/request
+        batches = items = 0
+
+        def timed(case: str, server: Server, clients: int, total: int) -> None:
+            start = server.cpu_s()
+            runs[case].append(run_clients(server.url, clients, total, params, body))
+            if start is not None:
+                cpu[case].append((server.cpu_s() - start) / total)
+
         try:
-            for clients in (1, args.clients, args.clients):  # warm-up: every batch size the run will see
-                run_clients(server.url, clients, 2 * args.clients, params, body)
-            seq, conc, batches, items = [], [], 0, 0
+            for server in servers.values():  # warm-up: every batch size the timed runs will see
+                for clients in (1, args.clients, args.clients):
+                    run_clients(server.url, clients, 2 * args.clients, params, body)
+            # Each round times the three cases back to back, so a change in background load hits them alike;
+            # the speedups are medians of the per-round ratios.
             for _ in range(args.rounds):
-                seq.append(run_clients(server.url, 1, max(args.requests // 4, 4), params, body))
-                before = server.info()["batching"]
-                conc.append(run_clients(server.url, args.clients, args.requests, params, body))
-                after = server.info()
+                batched = servers["batched"]
+                timed("sequential", batched, 1, max(args.requests // 4, 4))
+                before = batched.info()["batching"]
+                timed("concurrent", batched, args.clients, args.requests)
+                after = batched.info()
                 batches += after["batching"]["batches"] - before["batches"]
                 items += after["batching"]["items"] - before["items"]
+                if "unbatched" in servers:
+                    timed("no_batching", servers["unbatched"], args.clients, args.requests)
         finally:
-            server.stop()
-
-        unbatched = []
-        if not args.no_ablation:
-            server = Server(folder, 1, extra)
-            try:
-                run_clients(server.url, args.clients, 2 * args.clients, params, body)
-                for _ in range(args.rounds):
-                    unbatched.append(run_clients(server.url, args.clients, args.requests, params, body))
-            finally:
+            for server in servers.values():
                 server.stop()
 
-    s, c = statistics.median(seq), statistics.median(conc)
+    seq, conc, unb = runs["sequential"], runs["concurrent"], runs["no_batching"]
+    speedups = [c / s for s, c in zip(seq, conc)]
     result = {
         "model": args.model or args.config, "parameters": meta["parameters"], "image": f"{args.size}x{args.size}",
         "latents": list(latent_shape), "output": args.output, "clients": args.clients, "max_batch": args.max_batch,
         "device": after["model"]["device"], "dtype": after["model"]["dtype"], "torch_threads": _torch_threads(),
-        "sequential_rps": round(s, 2), "concurrent_rps": round(c, 2), "speedup": round(c / s, 2),
+        "sequential_rps": round(statistics.median(seq), 2), "concurrent_rps": round(statistics.median(conc), 2),
+        "speedup": round(statistics.median(speedups), 2),
         "mean_batch_concurrent": round(items / batches, 2) if batches else None,
         "sequential_runs": [round(v, 2) for v in seq], "concurrent_runs": [round(v, 2) for v in conc],
+        "speedup_runs": [round(v, 2) for v in speedups],
     }
-    if unbatched:
-        u = statistics.median(unbatched)
-        result |= {"no_batching_rps": round(u, 2), "batching_over_no_batching": round(c / u, 2),
-                   "no_batching_runs": [round(v, 2) for v in unbatched]}
+    if unb:
+        over = [c / u for u, c in zip(unb, conc)]
+        result |= {"no_batching_rps": round(statistics.median(unb), 2),
+                   "batching_over_no_batching": round(statistics.median(over), 2),
+                   "no_batching_runs": [round(v, 2) for v in unb]}
+    if cpu["sequential"]:  # CPU time is far less sensitive than wall time to other jobs on the machine
+        result["server_cpu_ms_per_request"] = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items() if v}
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
-    print(json.dumps(result, indent=2))
-    print(f"\n{args.clients} clients: {c:.2f} req/s vs one at a time {s:.2f} req/s = {c / s:.2f}x"
-          + (f"; batching vs no batching at {args.clients} clients: {c / statistics.median(unbatched):.2f}x"
-             if unbatched else ""))
+    for key, value in result.items():
+        print(f"{key}: {json.dumps(value)}")
+    print(f"\n{args.clients} clients vs one at a time: {result['speedup']:.2f}x (median of per-round ratios; "
+          f"{result['concurrent_rps']:.2f} vs {result['sequential_rps']:.2f} req/s, mean batch "
+          f"{result['mean_batch_concurrent']})" + (f"; batching vs no batching at {args.clients} clients: "
+                                                  f"{result['batching_over_no_batching']:.2f}x" if unb else ""))
 
 
 def _torch_threads() -> int:

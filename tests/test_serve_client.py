@@ -91,6 +91,10 @@ def test_decode_pt(server, local):
     ref = decode_local(local, z / 0.3 + 0.05)
     assert out.shape == (2, 3, 18, 14) and out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
+    # With a processor the client turns the same tensor into images itself.
+    pils = remote_decode(f"{server.url}/decode", z, processor=VaeImageProcessor(), output_type="pt",
+                         return_type="pil", scaling_factor=0.3, shift_factor=0.05)
+    assert_uint8_close(np.asarray(pils), uint8_local(local, z / 0.3 + 0.05)[:1].numpy()[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

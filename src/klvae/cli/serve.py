@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest batch x height x width (image pixels) one request may decode or encode")
     p.add_argument("--max-batch", type=int, default=8, help="most items run on the model at once")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others of its shape to join its batch (longer on slow "
-                        "devices: up to a tenth of the recent batch time); 0: never wait")
+                   help="while requests arrive together, how long the oldest waits for others of its shape to "
+                        "join its batch (on slow devices up to a tenth of the recent batch time); 0: never wait")
     p.add_argument("--max-queue", type=int, default=64, help="most items waiting; beyond it requests get 503")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16 or bfloat16")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")

@@ -3,10 +3,10 @@
 Requests wait in arrival order. The worker takes the oldest one, gives others of the same key (operation and
 per-item shape) a short window to arrive, then runs up to ``max_batch`` items together in one worker thread
 and hands each request its slice of the result. While a batch runs, new requests queue up, so under load
-batches fill without waiting at all. The window is ``max_wait_s``; while requests are arriving together (the
-last batch carried more than one), it grows to a tenth of the recent batch run time when that is longer: on a
-slow device, clients that were just answered get time to send their next request, and the wait adds at most
-about 10% to a request's time on the model. A lone client is never held back longer than ``max_wait_s``.
+batches fill without waiting at all. The window opens only while requests are arriving together (the last
+batch carried more than one): then it is ``max_wait_s``, or a tenth of the recent batch run time when that is
+longer, so on a slow device the clients that were just answered get time to send their next request, while the
+wait adds at most about 10% to a request's time on the model. A client working alone never waits.
 """
 
 from __future__ import annotations
@@ -133,15 +133,16 @@ class MicroBatcher:
     @property
     def wait_s(self) -> float:
         """How long the oldest request waits for others to join its batch."""
-        if self._last_batch_requests <= 1:
-            return self.max_wait_s
+        if self._last_batch_requests <= 1 or self.max_wait_s == 0:
+            return 0.0
         return max(self.max_wait_s, WAIT_FRACTION * self._recent_batch_s)
 
     async def _gather(self, key: Hashable) -> None:
         """Wait up to :attr:`wait_s` for more items of ``key``, unless a full batch is already there."""
-        if self.max_wait_s == 0:
+        window = self.wait_s
+        if window == 0:
             return
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + window
         while not self._closing and self._count(key) < self.max_batch:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hmac
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from klvae.serve.errors import BadRequest, PayloadTooLarge, Unauthorized
 
@@ -45,11 +45,14 @@ async def read_body(request: Request, limit: int, *, exact: int | None = None) -
         _check_length(length, limit, exact)
     cap = limit if exact is None else min(limit, exact)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            _check_length(size, limit, exact, at_least=True)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                _check_length(size, limit, exact, at_least=True)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before sending the whole body") from None
     if exact is not None and size != exact:
         _check_length(size, limit, exact)
     return b"".join(chunks)
