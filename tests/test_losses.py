@@ -98,7 +98,8 @@ def test_learned_logvar_flag():
 
 def test_lpips_refuses_random_weights(monkeypatch):
     monkeypatch.delenv(lpips_mod.ENV_VAR, raising=False)
-    monkeypatch.setattr(lpips_mod.importlib.util, "find_spec", lambda name: None)
+    import klvae.train.lpips_weights as neutral
+    monkeypatch.setattr(neutral.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(lpips_mod.LPIPSWeightsError, match="allow_random"):
         lpips_mod.LPIPS()
     net = lpips_mod.LPIPS(allow_random=True)

@@ -7,13 +7,13 @@ the latent. So with 256x256 crops the KL weight 1e-6 balances 196,608 summed pix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from klvae.torch.outputs import DiagonalGaussianDistribution
+from klvae.train.objective import LossWeights as LossWeights
+from klvae.train.objective import adopt_weight as adopt_weight
 
 
 # ---------------------------------------------------------------------- plain functions
@@ -66,11 +66,6 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kin
     raise ValueError(f"unknown adversarial loss {kind!r}; choose hinge or vanilla")
 
 
-def adopt_weight(weight: float, step: int, start: int) -> float:
-    """``weight`` from step ``start`` on, 0 before (and always 0 when ``start`` < 0: GAN disabled)."""
-    return 0.0 if start < 0 or step < start else weight
-
-
 def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                          disc_weight: float = 1.0) -> torch.Tensor:
     """``disc_weight * ||d nll / d W|| / (||d g / d W|| + 1e-4)`` at the decoder's last conv weight ``W``, clamped
@@ -82,19 +77,6 @@ def adaptive_disc_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 
 # ---------------------------------------------------------------------- the combined objective
-@dataclass
-class LossWeights:
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    perceptual_weight: float = 0.0
-    kl_weight: float = 1e-6
-    disc_start: int = -1
-    disc_weight: float = 0.5
-    disc_factor: float = 1.0
-    disc_loss: str = "hinge"
-    adaptive_disc_weight: bool = True
-
-
 class AutoencoderLoss(nn.Module):
     """LDM's ``LPIPSWithDiscriminator``: reconstruction (+ LPIPS) NLL, KL, and a PatchGAN term from ``disc_start``.
 

@@ -104,7 +104,7 @@ class Trainer:
         if c.loss.disc_start >= 0:
             torch.manual_seed(c.train.seed + 1)
             discriminator = NLayerDiscriminator(self.model.config.out_channels, c.loss.disc_channels, c.loss.disc_layers)
-        weights = LossWeights(**{k: getattr(c.loss, k) for k in LossWeights.__dataclass_fields__})
+        weights = LossWeights.from_config(c.loss)
         self.loss = AutoencoderLoss(weights, perceptual=perceptual, discriminator=discriminator,
                                     logvar_init=c.loss.logvar_init, learn_logvar=c.loss.learn_logvar).to(self.device)
 
