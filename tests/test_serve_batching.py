@@ -379,3 +379,13 @@ def test_cli_refuses_a_missing_model_folder(tmp_path):
     assert proc.returncode == 2 and "no such model folder" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "klvae.cli", "serve"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_module_entry_point_reports_bad_options(model_dir):
+    cmd = [sys.executable, "-m", "klvae.serve", "--model", str(model_dir), "--max-batch", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "max_batch" in proc.stderr
+    if not torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "klvae.serve", "--model", str(model_dir), "--device", "cuda"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "cannot put the model on device 'cuda'" in proc.stderr

@@ -44,7 +44,10 @@ class Engine:
         model = AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
         if tiling:
             model.enable_tiling()
-        return cls(model, device=device)
+        try:
+            return cls(model, device=device)
+        except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a build or machine without one
+            raise ServeError(f"cannot put the model on device {device!r}: {e}") from None
 
     @property
     def config(self):
