@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a diffusers AutoencoderKL folder (config.json + weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
-                   help=f"require 'Authorization: Bearer TOKEN' (or the token as Basic password); default ${TOKEN_ENV}")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (or the token as Basic auth password); "
+                                   f"without this option, ${TOKEN_ENV} if set")
     p.add_argument("--max-pixels", type=int, default=4 * 2048 * 2048,
                    help="largest batch x height x width (image pixels) one request may decode or encode")
     p.add_argument("--max-batch", type=int, default=8, help="most items run on the model at once")
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from klvae.serve.runner import serve
 
     try:
-        settings = ServeSettings(token=args.token or None, max_pixels=args.max_pixels, max_batch=args.max_batch,
-                                 batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue)
+        settings = ServeSettings(token=args.token or os.environ.get(TOKEN_ENV) or None, max_pixels=args.max_pixels,
+                                 max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                                 max_queue=args.max_queue)
     except ValueError as e:
         raise ServeError(str(e)) from None
     if not 0 < args.port < 65536:
