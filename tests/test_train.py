@@ -216,3 +216,25 @@ def test_metrics_match_skimage():
                                       use_sample_covariance=False)
         assert float(psnr(ta, tb)[i]) == pytest.approx(ref_p, abs=1e-4)
         assert float(ssim(ta, tb)[i]) == pytest.approx(ref_s, abs=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_finetune_from_pretrained(tmp_path, layout):
+    """[model] pretrained: a diffusers folder or a single file; training starts from exactly those weights."""
+    from klvae.torch.model import AutoencoderKL
+    from klvae.torch.train.trainer import Trainer
+
+    torch.manual_seed(3)
+    source = AutoencoderKL(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_MODEL.items()})
+    if layout == "folder":
+        path = tmp_path / "vae"
+        source.save_pretrained(str(path))
+    else:
+        path = tmp_path / "vae.safetensors"
+        source.save_single_file(str(path))
+    cfg = _config(tmp_path, model={"preset": None, "config": {}, "pretrained": str(path),
+                                   "train_decoder_only": True})
+    t = Trainer(cfg, resume=False)
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in source.state_dict().items())
+    t.train_step()
+    assert all(torch.equal(v, t.model.encoder.state_dict()[k]) for k, v in source.encoder.state_dict().items())

@@ -153,7 +153,8 @@ class TrainConfig:
                 if isinstance(v, list) and k != "config":
                     values[k] = tuple(v)
                 if base_dir and k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
-                    if k != "pretrained" or os.path.exists(os.path.join(base_dir, v)):
+                    # ``pretrained`` may also be a hub repo id ("org/name"): resolved only when it is clearly a path.
+                    if k != "pretrained" or v.startswith((".", "~")) or os.path.exists(os.path.join(base_dir, v)):
                         values[k] = os.path.normpath(os.path.join(base_dir, v))
             try:
                 sections[name] = klass(**values)

@@ -40,11 +40,11 @@ def build_model(config: TrainConfig) -> AutoencoderKL:
     """The model a config names: a pretrained folder/file (fine-tuning) or a fresh one from preset + overrides."""
     m = config.model
     if m.pretrained:
-        if os.path.isdir(m.pretrained):
-            model = AutoencoderKL.from_pretrained(m.pretrained)
-        else:
+        if os.path.isfile(m.pretrained):
             model = AutoencoderKL.from_single_file(m.pretrained, config=m.config or None)
-        if m.config and os.path.isdir(m.pretrained):
+        else:                                  # a diffusers folder, or a hub repo id
+            model = AutoencoderKL.from_pretrained(m.pretrained)
+        if m.config and not os.path.isfile(m.pretrained):
             warnings.warn("[model] config overrides are ignored when loading a pretrained folder", stacklevel=2)
         model = model.float()
     else:

@@ -1,0 +1,57 @@
+"""The bundled default model: SD's latent geometry, loads in both backends, and reconstructs a held-out photo."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import klvae
+
+WEIGHTS = os.path.join(klvae.DEFAULT_MODEL, "diffusion_pytorch_model.safetensors")
+pytestmark = pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason="default model not exported yet")
+# Measured on chelsea (held out of training) when the model was exported; see benchmarks/RESULTS.md.
+MIN_PSNR_CHELSEA = 20.0
+
+
+def _chelsea() -> np.ndarray:
+    from klvae.train.data import center_crop, load_rgb
+    from klvae.train.default_model import HELDOUT_IMAGES
+
+    assert "chelsea" in HELDOUT_IMAGES
+    return center_crop(load_rgb(os.path.join(os.path.dirname(klvae.__file__), "data", "chelsea.png")), 256)
+
+
+def test_default_model_geometry_and_heldout_quality():
+    import torch
+
+    from klvae.torch.model import AutoencoderKL
+    from klvae.torch.train.trainer import evaluate_images
+
+    model = AutoencoderKL.from_pretrained(klvae.DEFAULT_MODEL).float()
+    assert model.config.latent_channels == 4 and model.config.downsample_factor == 8
+    assert model.num_parameters() < 10_000_000
+    values = evaluate_images(model, [_chelsea()])
+    assert values["psnr"][0] > MIN_PSNR_CHELSEA and values["ssim"][0] > 0.4
+    with torch.no_grad():
+        assert model.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
+
+
+def test_default_model_loads_in_flax():
+    pytest.importorskip("flax")
+    import jax.numpy as jnp
+    import torch
+
+    from klvae.flax.model import FlaxAutoencoderKL
+    from klvae.torch.model import AutoencoderKL
+    from klvae.train.data import to_model_input
+
+    x = to_model_input(_chelsea()[None, :64, :64])
+    fmodel, params = FlaxAutoencoderKL.from_pretrained(klvae.DEFAULT_MODEL)
+    mean_j = np.asarray(fmodel.apply({"params": params}, jnp.asarray(x), method=FlaxAutoencoderKL.encode)
+                        .latent_dist.mean)
+    tmodel = AutoencoderKL.from_pretrained(klvae.DEFAULT_MODEL).float()
+    with torch.no_grad():
+        mean_t = tmodel.encode(torch.from_numpy(x)).latent_dist.mean.numpy()
+    assert np.abs(mean_j - mean_t).max() <= 1e-3 * max(1.0, np.abs(mean_t).max())
