@@ -238,3 +238,15 @@ def test_finetune_from_pretrained(tmp_path, layout):
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in source.state_dict().items())
     t.train_step()
     assert all(torch.equal(v, t.model.encoder.state_dict()[k]) for k, v in source.encoder.state_dict().items())
+
+
+def test_bf16_autocast_step_close_to_fp32(tmp_path):
+    from klvae.torch.train.trainer import Trainer
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        t = Trainer(_config(tmp_path, train={"precision": precision, "output_dir": str(tmp_path / precision)}),
+                    resume=False)
+        losses[precision] = t.train_step()["loss"]
+        assert all(p.dtype == torch.float32 for p in t.model.parameters())     # weights stay fp32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
