@@ -1,5 +1,9 @@
 """Tile plans shared by both backends (no torch, no jax).
 
+"exact" tiling (the plan is in :mod:`klvae.tiling_plan`, the graph it schedules in :mod:`klvae.tiling_graph`)
+computes the untiled result tile by tile. "auto" runs untiled when the estimated memory fits, exact tiling
+otherwise.
+
 "blend" tiling is diffusers' algorithm: tiles of ``tile`` input pixels start every ``stride`` pixels; each
 decoded tile overlaps its upper and left neighbours by ``blend_extent`` output pixels, where the two are mixed
 with a linear ramp, and is then cropped to ``row_limit`` output pixels.
@@ -11,7 +15,12 @@ import dataclasses
 
 import numpy as np
 
+# Every tiling mode. Each backend checks against the modes it runs: the PyTorch backend all of them
+# (klvae.torch.tiling.MODES); MODES lists those every backend runs.
+ALL_MODES = ("exact", "blend", "auto")
 MODES = ("blend",)
+# The PyTorch backend's default (see docs/tiling.md for the measurements behind it).
+DEFAULT_MODE = "blend"
 
 
 @dataclasses.dataclass(frozen=True)

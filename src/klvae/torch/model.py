@@ -104,7 +104,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
                                 if config.use_post_quant_conv else None)
         self.use_slicing = False
         self.use_tiling = False
-        self.tiling_mode = "blend"
+        self.tiling_mode = tiling.DEFAULT_MODE
+        self.tiling_memory_limit: float | None = None  # exact/auto tiling: activation bytes to stay within
         # diffusers' tiling attributes: tiles of tile_sample_min_size pixels, overlapping by tile_overlap_factor.
         sample = config.sample_height_width[0]
         self.tile_sample_min_size = sample
@@ -139,6 +140,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and self.tiling_mode != "blend":  # exact/auto decide themselves whether to split
+            return tiling.tiled_encode(self, x, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
             return tiling.blend_tiled_encode_moments(self, x)
         return self._encode_moments(x)
@@ -160,6 +163,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and self.tiling_mode != "blend":
+            return tiling.tiled_decode(self, z, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
             return tiling.blend_tiled_decode(self, z)
         return self._decode_latents(z)
@@ -212,11 +217,14 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, mode: str = "blend", *, tile_sample_min_size: int | None = None,
-                      tile_overlap_factor: float | None = None) -> None:
-        """Encode/decode images larger than ``tile_sample_min_size`` pixels in overlapping tiles.
+    def enable_tiling(self, mode: str = tiling.DEFAULT_MODE, *, tile_sample_min_size: int | None = None,
+                      tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> None:
+        """Encode/decode images larger than ``tile_sample_min_size`` pixels in tiles.
 
-        ``mode="blend"`` is diffusers' algorithm (same output as diffusers' tiling, which differs from untiled).
+        ``mode="exact"`` (default) gives the untiled output with bounded memory; ``"blend"`` is diffusers'
+        algorithm (diffusers' tiled output, which differs from untiled); ``"auto"`` tiles (exactly) only when the
+        estimated memory exceeds ``memory_limit`` (default: the memory available) or on an out-of-memory error.
+        ``memory_limit``: activation bytes the exact plan stays within. See :mod:`klvae.torch.tiling`.
         """
         if mode not in tiling.MODES:
             raise ValueError(f"unknown tiling mode {mode!r}; choose one of {', '.join(tiling.MODES)}")
@@ -230,6 +238,9 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
             if not 0.0 <= tile_overlap_factor < 1.0:
                 raise ValueError(f"tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}")
             self.tile_overlap_factor = tile_overlap_factor
+        if memory_limit is not None and not memory_limit > 0:
+            raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+        self.tiling_memory_limit = memory_limit
         self.tiling_mode = mode
         self.use_tiling = True
 

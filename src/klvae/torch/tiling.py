@@ -1,32 +1,171 @@
-"""Tiled encode and decode for the PyTorch model; the tile plan lives in :mod:`klvae.tiling`."""
+"""Tiled encode and decode for the PyTorch model; the tile plans live in :mod:`klvae.tiling`.
+
+Three modes, one set of plain functions (the model's ``enable_tiling`` switch calls these):
+
+- ``"exact"``: the untiled result, computed tile by tile (GroupNorm statistics combined over all tiles, the
+  mid-block attention over the whole latent, halos covering the convolutions); memory bounded by a plan.
+- ``"blend"``: diffusers' algorithm (tiles with their own statistics, blended linearly); diffusers' output.
+- ``"auto"``: untiled when the estimated memory fits ``memory_limit`` (default: the memory available now),
+  otherwise, or after an out-of-memory error, exact tiling within the limit. Same output either way.
+"""
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from klvae.tiling import MODES, BlendPlan, blend_ramp, decode_plan, encode_plan
+from klvae.tiling import ALL_MODES, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan
+from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
+from klvae.torch.exact_tiling import run_exact
 
-__all__ = ["MODES", "blend_tiled_decode", "blend_tiled_encode_moments", "tiled_decode", "tiled_encode"]
+MODES = ALL_MODES  # this backend runs every mode
 
-
-def tiled_decode(model, z: torch.Tensor, *, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None) -> torch.Tensor:
-    """Decode latents in blended tiles; sizes default to the model's tiling attributes."""
-    tile, overlap = _sizes(model, tile_sample_min_size, tile_overlap_factor)
-    return _blend_tiles(z, decode_plan(tile, tile // model.config.downsample_factor, overlap),
-                        model._decode_latents)
+__all__ = ["DEFAULT_MODE", "MODES", "available_memory", "blend_tiled_decode", "blend_tiled_encode_moments",
+           "exact_plan", "tiled_decode", "tiled_encode"]
 
 
-def tiled_encode(model, x: torch.Tensor, *, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None) -> torch.Tensor:
-    """Encode images to posterior moments in blended tiles; sizes default to the model's tiling attributes."""
-    tile, overlap = _sizes(model, tile_sample_min_size, tile_overlap_factor)
-    return _blend_tiles(x, encode_plan(tile, tile // model.config.downsample_factor, overlap),
-                        model._encode_moments)
+def tiled_decode(model, z: torch.Tensor, *, mode: str = DEFAULT_MODE, tile_sample_min_size: int | None = None,
+                 tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> torch.Tensor:
+    """Decode (B, latent_channels, h, w) latents to images in tiles.
+
+    ``tile_sample_min_size``: tile side in output pixels (default: the model's ``tile_sample_min_size``);
+    images no larger than one tile are decoded untiled. ``tile_overlap_factor``: blend mode only.
+    ``memory_limit``: bytes of activations the exact plan should stay within (an estimate); ``None`` keeps
+    every intermediate the plan can (fastest), except in ``"auto"`` mode where it is the available memory.
+    """
+    return _tiled(model, z, "decode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
 
 
+def tiled_encode(model, x: torch.Tensor, *, mode: str = DEFAULT_MODE, tile_sample_min_size: int | None = None,
+                 tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> torch.Tensor:
+    """Encode (B, C, H, W) images to posterior moments (B, 2 * latent_channels, H / f, W / f) in tiles; the
+    options are :func:`tiled_decode`'s, with ``tile_sample_min_size`` in input pixels."""
+    return _tiled(model, x, "encode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+
+
+def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overlap: float | None,
+           memory_limit: float | None) -> torch.Tensor:
+    tile, overlap = _sizes(model, tile, overlap)
+    if memory_limit is not None and not memory_limit > 0:
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    f = model.config.downsample_factor
+    if mode == "blend":
+        make_plan, run = (decode_plan, model._decode_latents) if kind == "decode" else (encode_plan, model._encode_moments)
+        return _blend_tiles(x, make_plan(tile, tile // f, overlap), run)
+    if mode == "exact":
+        return _exact(model, x, kind, tile, memory_limit)
+    if mode == "auto":
+        return _auto(model, x, kind, tile, memory_limit)
+    raise ValueError(f"unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------- exact
+# Exact tiles are at most this many pixels wide: the plan keeps about one tile's worth of data beyond the
+# stored activations, and on CPU and GPU alike a 256-pixel tile is large enough to run convolutions at speed.
+EXACT_TILE_SIZE = 256
+# Without a memory_limit, the plan stays within this fraction of the memory available when it is made.
+DEFAULT_MEMORY_FRACTION = 0.5
+
+
+def exact_plan(model, x: torch.Tensor, kind: str, tile_sample_min_size: int | None = None,
+               memory_limit: float | None = None) -> ExactPlan:
+    """The exact tiling plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``.
+
+    Inputs no larger than ``tile_sample_min_size`` pixels get a one-tile plan (run untiled); larger ones tiles of
+    ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels. ``memory_limit`` defaults to
+    ``DEFAULT_MEMORY_FRACTION`` of :func:`available_memory`.
+    """
+    tile, _ = _sizes(model, tile_sample_min_size, None)
+    f = model.config.downsample_factor
+    latent_hw = _latent_hw(model, x, kind)
+    if max(latent_hw) > tile // f:
+        tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
+    if memory_limit is None:
+        available = available_memory(x.device)
+        # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
+        memory_limit = None if available is None else (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
+    return plan_exact(model.config, kind, latent_hw, x.shape[0], x.element_size(), tile // f,
+                      None if memory_limit is None else float(memory_limit))
+
+
+def _latent_hw(model, x: torch.Tensor, kind: str) -> tuple[int, int]:
+    f = 1 if kind == "decode" else model.config.downsample_factor
+    return x.shape[2] // f, x.shape[3] // f
+
+
+def _untiled(model, x: torch.Tensor, kind: str) -> torch.Tensor:
+    return model._decode_latents(x) if kind == "decode" else model._encode_moments(x)
+
+
+def _exact(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
+    plan = exact_plan(model, x, kind, tile, memory_limit)
+    if plan.grid.count == 1:  # fits one tile: nothing to split
+        return _untiled(model, x, kind)
+    if torch.is_grad_enabled() and (x.requires_grad or (model.training and
+                                                         any(p.requires_grad for p in model.parameters()))):
+        raise RuntimeError("exact tiling runs without autograd (it frees activations as it goes); call it under "
+                           "torch.no_grad() with the model in eval mode, or use untiled or blend mode to train")
+    if memory_limit is not None and plan.peak_bytes > memory_limit:
+        warnings.warn(f"exact tiling: no plan found within memory_limit={memory_limit:.3g} bytes; the leanest "
+                      f"plan found needs about {plan.peak_bytes:.3g}", ResourceWarning, stacklevel=4)
+    return run_exact(model, plan, x)
+
+
+# ---------------------------------------------------------------------------------------------- auto
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take now: free device memory (plus the caching allocator's free blocks) on
+    CUDA, ``MemAvailable`` on Linux hosts; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA, MPS or host)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text
+                                                or "not enough memory" in text.lower())
+
+
+def _auto(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
+    """Untiled if the estimate fits the limit, else exact tiling; an out-of-memory error also falls back to
+    exact tiling (after leaving the ``except`` block, so the failed attempt's tensors are freed first)."""
+    limit = memory_limit if memory_limit is not None else available_memory(x.device)
+    needed, _ = untiled_estimate(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size())
+    if limit is not None and needed > limit:
+        return _exact(model, x, kind, tile, limit)
+    try:
+        return _untiled(model, x, kind)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+            raise
+    gc.collect()
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()
+    retry_limit = available_memory(x.device) if memory_limit is None else memory_limit
+    return _exact(model, x, kind, tile, None if retry_limit is None else retry_limit / 2)
+
+
+# ---------------------------------------------------------------------------------------------- blend
 def blend_tiled_decode(model, z: torch.Tensor) -> torch.Tensor:
     """Decode with the model's own tiling attributes (as diffusers' ``tiled_decode``)."""
     plan = decode_plan(model.tile_sample_min_size, model.tile_latent_min_size, model.tile_overlap_factor)

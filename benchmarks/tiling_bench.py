@@ -1,0 +1,224 @@
+"""Time and peak RSS of decode/encode against resolution: klvae untiled, blend and exact tiling, and diffusers
+untiled and tiled, with the same (seeded random) SD-config weights, fp32, on the CPU.
+
+Every configuration runs in its own subprocess, so each peak RSS belongs to one operation alone:
+
+    python benchmarks/tiling_bench.py sweep --sizes 512,1024,2048 --log benchmarks/tiling_results.jsonl
+    python benchmarks/tiling_bench.py table --log benchmarks/tiling_results.jsonl
+
+``sweep`` appends one JSON line per finished run to the log and skips runs already there, so it can be stopped
+and resumed. Each run saves its output under ``--outputs`` (``.npy``) so that ``table`` can report the relative
+error of every result against klvae's untiled one of the same size (where that run fitted in memory).
+One run by hand: ``python benchmarks/tiling_bench.py run --impl klvae --mode exact --op decode --size 1024``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                 norm_num_groups=32, sample_size=512)
+RUNS = [("klvae", "untiled"), ("klvae", "exact"), ("klvae", "blend"), ("diffusers", "untiled"),
+        ("diffusers", "tiled")]
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _inputs(op: str, size: int, torch):
+    g = torch.Generator().manual_seed(1234)
+    if op == "decode":
+        return torch.randn(1, 4, size // 8, size // 8, generator=g)
+    # A smooth synthetic picture in [-1, 1]: gradients, rings and a few discs.
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    r = (xx ** 2 + yy ** 2).sqrt()
+    img = torch.stack([xx, torch.sin(6 * r), yy * xx])
+    for cx, cy, rad in ((0.3, -0.2, 0.25), (-0.5, 0.4, 0.15), (0.6, 0.6, 0.1)):
+        img[:, ((xx - cx) ** 2 + (yy - cy) ** 2) < rad ** 2] *= -0.5
+    return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(-1, 1)[None]
+
+
+def run_one(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if args.impl == "klvae":
+        from klvae.torch.model import AutoencoderKL
+
+        model = AutoencoderKL(**SD_CONFIG).eval()
+    else:
+        from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+        from klvae.torch.model import AutoencoderKL
+
+        ours = AutoencoderKL(**SD_CONFIG)  # the same seeded weights, through the shared state_dict layout
+        model = DiffusersAutoencoderKL(**SD_CONFIG).eval()
+        model.load_state_dict(ours.state_dict())
+        del ours
+    x = _inputs(args.op, args.size, torch)
+    tiled = args.mode != "untiled"
+    if tiled:
+        kwargs = {} if args.impl == "diffusers" else {"mode": args.mode}
+        if args.memory_limit and args.impl == "klvae":
+            kwargs["memory_limit"] = args.memory_limit
+        model.enable_tiling(**kwargs)
+        if args.tile:
+            model.tile_sample_min_size, model.tile_latent_min_size = args.tile, args.tile // 8
+    warm = x[..., :64, :64] if args.op == "encode" else x[..., :8, :8]
+    with torch.no_grad():
+        (model.encode(warm) if args.op == "encode" else model.decode(warm))
+        base = _rss_kib()
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        if args.op == "decode":
+            out = model.decode(x).sample
+        else:
+            out = model.encode(x).latent_dist.mean
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    record = dict(impl=args.impl, mode=args.mode, op=args.op, size=args.size, tile=args.tile or 512,
+                  memory_limit=args.memory_limit, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
+                  base_rss_mib=round(base / 1024), threads=torch.get_num_threads(), torch=torch.__version__)
+    if args.outputs:
+        import numpy as np
+
+        os.makedirs(args.outputs, exist_ok=True)
+        np.save(os.path.join(args.outputs, _output_name(record)), out.float().numpy())
+    return record
+
+
+def _output_name(r: dict) -> str:
+    limit = f"_lim{r['memory_limit']:.3g}" if r.get("memory_limit") else ""
+    return f"{r['op']}_{r['size']}_{r['impl']}_{r['mode']}_t{r['tile']}{limit}.npy"
+
+
+def _key(r: dict) -> tuple:
+    return r["impl"], r["mode"], r["op"], int(r["size"]), int(r.get("tile") or 512), r.get("memory_limit")
+
+
+def _load(log: str) -> list[dict]:
+    if not os.path.exists(log):
+        return []
+    with open(log) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sweep(args) -> None:
+    done = {_key(r) for r in _load(args.log)}
+    runs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else RUNS
+    for op in args.ops.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            for impl, mode in runs:
+                limit = args.memory_limit if (impl == "klvae" and mode == "exact") else None
+                key = (impl, mode, op, size, args.tile or 512, limit)
+                if key in done:
+                    continue
+                cmd = [sys.executable, __file__, "run", "--impl", impl, "--mode", mode, "--op", op, "--size",
+                       str(size), "--outputs", args.outputs]
+                if args.tile:
+                    cmd += ["--tile", str(args.tile)]
+                if limit:
+                    cmd += ["--memory-limit", str(limit)]
+                print("running", " ".join(cmd[2:]), flush=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                if proc.returncode != 0:
+                    record = dict(impl=impl, mode=mode, op=op, size=size, tile=args.tile or 512, memory_limit=limit,
+                                  error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
+                                  returncode=proc.returncode)
+                else:
+                    record = json.loads(proc.stdout.strip().splitlines()[-1])
+                record.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                              date=time.strftime("%Y-%m-%d"))
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(json.dumps(record), flush=True)
+
+
+def table(args) -> None:
+    import numpy as np
+
+    records = [r for r in _load(args.log) if "seconds" in r or "error" in r]
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        latest[_key(r)] = r
+
+    def rel_err(r: dict) -> str:
+        ref = latest.get(("klvae", "untiled", r["op"], r["size"], r.get("tile") or 512, None))
+        if ref is None or "seconds" not in ref or "seconds" not in r:
+            return "-"
+        try:
+            a = np.load(os.path.join(args.outputs, _output_name(r)), mmap_mode="r")
+            b = np.load(os.path.join(args.outputs, _output_name(ref)), mmap_mode="r")
+        except OSError:
+            return "-"
+        return f"{float(np.abs(a - b).max() / np.abs(b).max()):.1e}"
+
+    print("| op | size | implementation | mode | time s | x untiled | peak RSS MiB | x untiled | "
+          "rel. err vs untiled |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key in sorted(latest, key=lambda k: (k[2], k[3], RUNS.index((k[0], k[1])) if (k[0], k[1]) in RUNS else 9)):
+        r = latest[key]
+        ref = latest.get(("klvae", "untiled", r["op"], r["size"], r.get("tile") or 512, None))
+        mode = r["mode"] + (f" (limit {r['memory_limit'] / 2**30:.1f} GiB)" if r.get("memory_limit") else "")
+        if "error" in r:
+            print(f"| {r['op']} | {r['size']} | {r['impl']} | {mode} | failed: {r['error'][:60]} | | | | |")
+            continue
+        t_ratio = m_ratio = "-"
+        if ref and "seconds" in ref:
+            t_ratio = f"{r['seconds'] / ref['seconds']:.2f}"
+            m_ratio = f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}"
+        print(f"| {r['op']} | {r['size']} | {r['impl']} | {mode} | {r['seconds']:.1f} | {t_ratio} | "
+              f"{r['peak_rss_mib']} | {m_ratio} | {rel_err(r)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="one measurement in this process; prints a JSON line")
+    one.add_argument("--impl", choices=("klvae", "diffusers"), required=True)
+    one.add_argument("--mode", choices=("untiled", "exact", "blend", "tiled", "auto"), required=True)
+    one.add_argument("--op", choices=("decode", "encode"), required=True)
+    one.add_argument("--size", type=int, required=True)
+    one.add_argument("--tile", type=int, default=0, help="tile_sample_min_size (default: 512, the config's)")
+    one.add_argument("--memory-limit", type=float, default=None)
+    one.add_argument("--outputs", default="")
+    many = sub.add_parser("sweep", help="every configuration, one subprocess each, appended to --log")
+    many.add_argument("--sizes", default="512,1024,2048")
+    many.add_argument("--ops", default="decode,encode")
+    many.add_argument("--runs", default="", help="impl:mode,... (default: all five)")
+    many.add_argument("--tile", type=int, default=0)
+    many.add_argument("--memory-limit", type=float, default=None, help="exact mode's memory_limit, bytes")
+    many.add_argument("--timeout", type=float, default=6 * 3600)
+    many.add_argument("--log", default="benchmarks/tiling_results.jsonl")
+    many.add_argument("--outputs", default="/tmp/klvae_tiling_outputs")
+    tab = sub.add_parser("table", help="markdown table of --log")
+    tab.add_argument("--log", default="benchmarks/tiling_results.jsonl")
+    tab.add_argument("--outputs", default="/tmp/klvae_tiling_outputs")
+    args = parser.parse_args()
+    if args.command == "run":
+        print(json.dumps(run_one(args)))
+    elif args.command == "sweep":
+        sweep(args)
+    else:
+        table(args)
+
+
+if __name__ == "__main__":
+    main()

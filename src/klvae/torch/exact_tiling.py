@@ -1,0 +1,306 @@
+"""Run an :class:`~klvae.tiling_plan.ExactPlan` with PyTorch: tiles, stored chunks, GroupNorm statistics.
+
+The plan (backend-neutral) says which nodes each pass computes over which rectangles; this module supplies
+the tensors: each operation over a rectangle, storage of kept nodes as per-tile chunks (freed during their last
+reading pass, down to the rows a later tile still needs), and the GroupNorm statistics accumulated per pass.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from klvae.tiling_graph import (ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip)
+from klvae.tiling_plan import ExactPlan, GlobalStep, Pass
+from klvae.torch.attention import Attention, AttnProcessor, ChunkedAttnProcessor
+from klvae.torch.blocks import upsample_nearest_2x
+from klvae.torch.groupnorm_stats import GroupNormStats, apply_norm
+
+# The plain attention processor materialises (N, N) scores; above this many bytes of them, attend in chunks.
+_MAX_ATTENTION_SCORES_BYTES = 1 << 30
+
+
+def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+    """The part ``want`` of ``x``, which holds the rectangle ``have`` (a view)."""
+    if have == want:
+        return x
+    if not (have[0] <= want[0] and want[1] <= have[1] and have[2] <= want[2] and want[3] <= have[3]):
+        raise AssertionError(f"region {want} is not inside {have}")
+    return x[:, :, want[0] - have[0]:want[1] - have[0], want[2] - have[2]:want[3] - have[2]]
+
+
+# ---------------------------------------------------------------------------------------------- storage
+class FullStore:
+    """A node held as one tensor (the input, the output, the attention's input and output)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def read(self, region: Region) -> torch.Tensor:
+        r0, r1, c0, c1 = region
+        return self.tensor[:, :, r0:r1, c0:c1]
+
+    def write(self, region: Region, value: torch.Tensor) -> None:
+        r0, r1, c0, c1 = region
+        self.tensor[:, :, r0:r1, c0:c1] = value
+
+    def release(self, key, keep_from: int | None) -> None:  # whole tensors are dropped after their last pass
+        pass
+
+
+class ChunkStore:
+    """A node held as one chunk per tile, each chunk ``(tensor, first_row)``; chunks shrink to the rows later
+    tiles still need, then go."""
+
+    def __init__(self, rows: tuple[int, ...], cols: tuple[int, ...]):
+        self.rows, self.cols = rows, cols  # chunk boundaries in the node's pixels
+        self.chunks: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+
+    def chunk_range(self, region: Region) -> tuple[range, range]:
+        r0, r1, c0, c1 = region
+        return (range(bisect.bisect_right(self.rows, r0) - 1, bisect.bisect_left(self.rows, r1)),
+                range(bisect.bisect_right(self.cols, c0) - 1, bisect.bisect_left(self.cols, c1)))
+
+    def read(self, region: Region) -> torch.Tensor:
+        r0, r1, c0, c1 = region
+        rows_i, cols_j = self.chunk_range(region)
+        bands = []
+        for i in rows_i:
+            pieces = []
+            for j in cols_j:
+                tensor, first = self.chunks[i, j]
+                a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
+                if a < first:
+                    raise AssertionError(f"chunk {(i, j)} was released above row {first}; row {a} is needed")
+                pieces.append(tensor[:, :, a - first:b - first,
+                                     max(c0, self.cols[j]) - self.cols[j]:min(c1, self.cols[j + 1]) - self.cols[j]])
+            bands.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
+        return bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+
+    def write(self, key: tuple[int, int], value: torch.Tensor) -> None:
+        self.chunks[key] = (value.contiguous(), self.rows[key[0]])
+
+    def release(self, key: tuple[int, int], keep_from: int | None) -> None:
+        """Drop chunk ``key`` (``keep_from=None``) or all of it above row ``keep_from``."""
+        if key not in self.chunks:
+            return
+        if keep_from is None:
+            del self.chunks[key]
+            return
+        tensor, first = self.chunks[key]
+        if keep_from > first:
+            self.chunks[key] = (tensor[:, :, keep_from - first:].clone(), keep_from)
+
+
+def _releases(plan: ExactPlan, stores: dict, names: list[str], regions: list[dict[str, Region]]):
+    """For the chunked nodes read for the last time in a pass: after which tile each chunk can shrink or go.
+
+    Returns ``{tile_index: [(name, chunk, keep_from_row_or_None), ...]}``.
+    """
+    out: dict[int, list] = {}
+    for name in names:
+        store = stores[name]
+        if not isinstance(store, ChunkStore):
+            continue
+        touches: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for t, need in enumerate(regions):
+            region = need.get(name)
+            if region is None:
+                continue
+            rows_i, cols_j = store.chunk_range(region)
+            for i in rows_i:
+                for j in cols_j:
+                    touches.setdefault((i, j), []).append((t, max(region[0], store.rows[i])))
+        for key in store.chunks:
+            uses = touches.get(key, [])
+            for k, (t, _) in enumerate(uses):
+                later = [row for _, row in uses[k + 1:]]
+                keep = min(later) if later else None
+                half = (store.rows[key[0]] + store.rows[key[0] + 1]) // 2
+                if keep is None or keep > half:  # shrink only when that frees at least half the chunk
+                    out.setdefault(t, []).append((name, key, keep))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- operations
+def _conv(conv: nn.Conv2d, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """``conv`` without its own padding, on ``x`` zero-padded by ``pads`` (left, right, top, bottom)."""
+    if any(pads):
+        x = F.pad(x, pads)
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _pads(wanted: Region, got: Region) -> tuple[int, int, int, int]:
+    """Zero padding that extends the clipped rectangle ``got`` to the unclipped ``wanted``."""
+    return got[2] - wanted[2], wanted[3] - got[3], got[0] - wanted[0], wanted[1] - got[1]
+
+
+def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The activation, in place on ``x`` (a fresh tensor) where the function allows it."""
+    if type(act) is nn.SiLU:
+        return F.silu(x, inplace=True)
+    if type(act) is nn.ReLU:
+        return F.relu_(x)
+    if type(act) is nn.Mish:
+        return F.mish(x, inplace=True)
+    return act(x)
+
+
+class _Executor:
+    def __init__(self, model: nn.Module, plan: ExactPlan):
+        self.model, self.plan, self.graph = model, plan, plan.graph
+        self.stores: dict[str, FullStore | ChunkStore] = {}
+        self.stats: dict[str, GroupNormStats] = {}
+        self.norm_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.modules: dict[str, nn.Module] = {}
+
+    def module(self, path: str) -> nn.Module:
+        if path not in self.modules:
+            self.modules[path] = self.model.get_submodule(path)
+        return self.modules[path]
+
+    # ------------------------------------------------------------------ one node over one rectangle
+    def compute(self, node: Node, region: Region, values: dict[str, tuple[torch.Tensor, Region]]) -> torch.Tensor:
+        src_name = node.inputs[0]
+        x, have = values[src_name]
+        src_size = self.plan.size(src_name)
+        if node.op == ADD:
+            y, y_have = values[node.inputs[1]]
+            return crop(x, have, region) + crop(y, y_have, region)
+        conv = self.module(node.conv)
+        if node.op == UP_CONV:
+            r0, r1, c0, c1 = region
+            wanted = (r0 - 1, r1 + 1, c0 - 1, c1 + 1)
+            got = clip(wanted, (2 * src_size[0], 2 * src_size[1]))
+            src = (got[0] // 2, (got[1] + 1) // 2, got[2] // 2, (got[3] + 1) // 2)
+            up = upsample_nearest_2x(crop(x, have, src))
+            up = crop(up, (2 * src[0], 2 * src[1], 2 * src[2], 2 * src[3]), got)
+            return _conv(conv, up, _pads(wanted, got))
+        if node.op == DOWN_CONV:
+            r0, r1, c0, c1 = region
+            wanted = (2 * r0, 2 * r1 + 1, 2 * c0, 2 * c1 + 1)
+            got = clip(wanted, src_size)
+            return _conv(conv, crop(x, have, got), _pads(wanted, got))
+        p = node.kernel // 2
+        wanted = (region[0] - p, region[1] + p, region[2] - p, region[3] + p)
+        got = clip(wanted, src_size)
+        x = crop(x, have, got)
+        if node.op == NORM_ACT_CONV:
+            x = _activate(self.module(node.act), apply_norm(x, *self.norm(node)))
+        elif node.op != CONV:
+            raise ValueError(f"cannot compute a {node.op} node over a tile")
+        return _conv(conv, x, _pads(wanted, got))
+
+    def norm(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
+        if node.name not in self.norm_params:
+            stats = self.stats[node.inputs[0]]
+            self.norm_params[node.name] = stats.scale_shift(self.module(node.norm), self.dtype)
+        return self.norm_params[node.name]
+
+    # ------------------------------------------------------------------ steps
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        plan, graph = self.plan, self.graph
+        self.dtype, self.device = x.dtype, x.device
+        self.stores[graph.input] = FullStore(x)
+        for k, step in enumerate(plan.steps):
+            if isinstance(step, GlobalStep):
+                self.run_global(step)
+            else:
+                self.run_pass(k, step)
+            for name in [n for n, last in plan.last_read.items() if last == k and n in self.stores]:
+                del self.stores[name]
+        return self.stores[graph.output].tensor
+
+    def new_store(self, name: str) -> FullStore | ChunkStore:
+        node = self.graph[name]
+        if name in self.plan.full:
+            h, w = self.plan.size(name)
+            return FullStore(torch.empty(self.plan.batch, node.channels, h, w, dtype=self.dtype, device=self.device))
+        grid = self.plan.grid
+        return ChunkStore(tuple(r * node.scale for r in grid.rows), tuple(c * node.scale for c in grid.cols))
+
+    def run_global(self, step: GlobalStep) -> None:
+        node = self.graph[step.node]
+        x = self.stores[node.inputs[0]].tensor
+        module = self.module(node.module)
+        self.stores[node.name] = FullStore(_run_whole(module, x))
+
+    def run_pass(self, k: int, step: Pass) -> None:
+        plan, graph = self.plan, self.graph
+        tiles = plan.grid.tiles()
+        regions = [plan.regions(step, i, j) for i, j in tiles]
+        for name in step.store:
+            self.stores[name] = self.new_store(name)
+        for name in step.stats:
+            self.stats[name] = GroupNormStats(_groups_reading(graph, name))
+        last_here = [n for n in step.reads if plan.last_read.get(n) == k]
+        releases = _releases(plan, self.stores, last_here, regions)
+        # Index in the closure of each node's last consumer, so tile values are freed as soon as possible.
+        order = {name: idx for idx, name in enumerate(step.closure)}
+        last_use = {name: idx for idx, name in enumerate(step.closure)}
+        for name in step.closure:
+            if name in plan.stored and name not in step.store:
+                continue
+            for src in graph[name].inputs:
+                if src in order:
+                    last_use[src] = max(last_use[src], order[name])
+        for t, (i, j) in enumerate(tiles):
+            need = regions[t]
+            values: dict[str, tuple[torch.Tensor, Region]] = {}
+            for idx, name in enumerate(step.closure):
+                region = need[name]
+                if name in plan.stored and name not in step.store:
+                    value = self.stores[name].read(region)
+                else:
+                    node = graph[name]
+                    value = self.compute(node, region, values)
+                    for src in node.inputs:
+                        if last_use.get(src) == idx:
+                            values.pop(src, None)
+                values[name] = (value, region)
+                if name in step.store or name in step.stats:
+                    owned = plan.grid.owned(i, j, graph[name].scale)
+                    part = crop(value, region, owned)
+                    if name in step.store:
+                        store = self.stores[name]
+                        store.write(owned if isinstance(store, FullStore) else (i, j), part)
+                    if name in step.stats:
+                        self.stats[name].update(part)
+                if last_use[name] == idx and name not in step.targets:
+                    values.pop(name, None)
+            del values
+            for name, key, keep in releases.get(t, ()):
+                self.stores[name].release(key, keep)
+
+
+def _groups_reading(graph, name: str) -> int:
+    groups = {n.groups for n in graph.nodes if n.op == NORM_ACT_CONV and n.inputs[0] == name}
+    if len(groups) != 1:
+        raise ValueError(f"the GroupNorms reading {name} disagree on the number of groups: {sorted(groups)}")
+    return groups.pop()
+
+
+def _run_whole(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a GLOBAL node's module on the whole tensor; the plain attention processor, which would hold the
+    (N, N) scores, is swapped for the chunked one while a sequence is long."""
+    if isinstance(module, Attention) and type(module.processor) is AttnProcessor:
+        n = x.shape[2] * x.shape[3]
+        if x.shape[0] * n * n * 4 > _MAX_ATTENTION_SCORES_BYTES:
+            plain = module.processor
+            module.set_processor(ChunkedAttnProcessor())
+            try:
+                return module(x)
+            finally:
+                module.set_processor(plain)
+    return module(x)
+
+
+def run_exact(model: nn.Module, plan: ExactPlan, x: torch.Tensor) -> torch.Tensor:
+    """Decode latents or encode images (per ``plan.graph.kind``) with the plan; returns the output tensor."""
+    if plan.graph[plan.graph.input].op != INPUT:
+        raise ValueError("the plan's graph has no input node")
+    with torch.no_grad():
+        return _Executor(model, plan).run(x)

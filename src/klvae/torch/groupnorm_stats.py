@@ -1,0 +1,72 @@
+"""GroupNorm statistics accumulated over tiles, combined exactly (parallel variance), and applied to a tile."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GroupNormStats:
+    """Per-(batch, group) count, mean and sum of squared deviations of a tensor seen one tile at a time.
+
+    Tiles are combined with Chan et al.'s parallel formula in float64: for parts a and b,
+    ``mean = mean_a + d * n_b / n`` and ``M2 = M2_a + M2_b + d**2 * n_a * n_b / n`` with ``d = mean_b - mean_a``.
+    The last term, the spread of the tile means, is what averaging per-tile variances leaves out. Each tile's own
+    mean and variance come from ``torch.var_mean`` (which accumulates in float64 on CPU and uses Welford's
+    algorithm), so the result is the biased variance GroupNorm uses, over the whole tensor.
+    """
+
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a (B, C, h, w) tile (any strides) holding pixels not seen before."""
+        b, c = x.shape[:2]
+        n = (c // self.groups) * x.shape[2] * x.shape[3]
+        if n == 0:
+            return
+        grouped = x.unflatten(1, (self.groups, c // self.groups))
+        if grouped.dtype not in (torch.float32, torch.float64):
+            grouped = grouped.float()
+        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0)
+        mean, m2 = mean.double(), var.double() * n
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def variance(self) -> torch.Tensor:
+        if self.mean is None:
+            raise RuntimeError("no tiles were added to these GroupNorm statistics")
+        return self.m2 / self.count
+
+    def scale_shift(self, norm: nn.GroupNorm, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (B, C, 1, 1), such that ``norm(x) == x * scale + shift`` over the whole tensor."""
+        if norm.num_groups != self.groups:
+            raise ValueError(f"statistics over {self.groups} groups cannot serve a GroupNorm of {norm.num_groups}")
+        rstd = (self.variance() + norm.eps).rsqrt()                      # (B, G)
+        per_group = norm.num_channels // self.groups
+        rstd = rstd.repeat_interleave(per_group, dim=1)                   # (B, C)
+        mean = self.mean.repeat_interleave(per_group, dim=1)
+        if norm.affine:
+            weight, bias = norm.weight.detach().double(), norm.bias.detach().double()
+            scale, shift = rstd * weight, bias - mean * rstd * weight
+        else:
+            scale, shift = rstd, -mean * rstd
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        return scale.to(work)[..., None, None], shift.to(work)[..., None, None]
+
+
+def apply_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` in one kernel (in float32 for half-precision inputs), as GroupNorm's CPU kernel
+    applies its statistics."""
+    if x.dtype == scale.dtype:
+        return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x.to(scale.dtype), scale).to(x.dtype)
