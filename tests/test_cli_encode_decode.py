@@ -189,9 +189,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, model_dir, images, capsys, argv,
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, images, tmp_path, capsys):
-    monkeypatch.delattr(klvae, "DEFAULT_MODEL", raising=False)
+    monkeypatch.setattr(klvae, "DEFAULT_MODEL", str(tmp_path / "not-exported"), raising=False)
     assert main(["encode", images["rgb"], "-o", str(tmp_path / "o"), "-q"]) == 2
-    assert "no bundled default model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the bundled default model is not installed (nothing at" in err and "pass --model" in err
+    monkeypatch.delattr(klvae, "DEFAULT_MODEL", raising=False)
+    assert main(["info"]) == 2
+    assert "the bundled default model is not installed; pass --model" in capsys.readouterr().err
+
+
+def test_default_model_is_used_without_model(monkeypatch, model_dir, model, images, tmp_path):
+    monkeypatch.setattr(klvae, "DEFAULT_MODEL", model_dir, raising=False)
+    out = tmp_path / "d.safetensors"
+    assert main(["encode", images["rgb"], "-o", str(out), "-q"]) == 0
+    latents, meta = _read(str(out))
+    assert meta["model"] == "default"
+    torch.testing.assert_close(latents, _expected_mean(model, images["rgb"]), rtol=1e-5, atol=1e-6)
 
 
 def test_single_file_model_and_tiling(tmp_path, model_dir, model, images):

@@ -31,13 +31,14 @@ class CLIError(KLVAEError):
 
 # ---------------------------------------------------------------------------------------------- the model
 def default_model() -> str:
-    """The bundled default model's folder (``klvae.DEFAULT_MODEL``)."""
+    """The bundled default model's folder (``klvae.DEFAULT_MODEL``), checked to be installed."""
     import klvae
 
     path = getattr(klvae, "DEFAULT_MODEL", None)
-    if path is None:
-        raise CLIError("no bundled default model in this installation; pass --model (a diffusers folder, single "
-                       "file or hub repo id)")
+    if path is None or not os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        where = f" (nothing at {os.fspath(path)})" if path is not None else ""
+        raise CLIError(f"the bundled default model is not installed{where}; pass --model (a diffusers folder, "
+                       "single file or hub repo id)")
     return os.fspath(path)
 
 
