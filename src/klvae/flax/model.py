@@ -223,7 +223,7 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         """Encode in overlapping blended tiles (diffusers' algorithm), whatever ``use_tiling`` says."""
         cfg = self.config
         x = to_nhwc(_check_input(sample, cfg.in_channels, cfg.downsample_factor, "images"))
-        moments = blend_tiles(x, self._encode_plan(), lambda t: self._encode_moments(t, deterministic))
+        moments = self._blend_tiles(FlaxAutoencoderKL._encode_moments, x, self._encode_plan(), deterministic)
         posterior = FlaxDiagonalGaussianDistribution(to_nchw(moments))
         return FlaxAutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -231,7 +231,7 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
                      return_dict: bool = True) -> FlaxDecoderOutput | tuple:
         """Decode in overlapping blended tiles (diffusers' algorithm), whatever ``use_tiling`` says."""
         z = to_nhwc(_check_input(latents, self.config.latent_channels, 1, "latents"))
-        sample = to_nchw(blend_tiles(z, self._decode_plan(), lambda t: self._decode_latents(t, deterministic)))
+        sample = to_nchw(self._blend_tiles(FlaxAutoencoderKL._decode_latents, z, self._decode_plan(), deterministic))
         return FlaxDecoderOutput(sample=sample) if return_dict else (sample,)
 
     # ------------------------------------------------------------------ NHWC internals
@@ -248,20 +248,31 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
 
     def _encode_nhwc(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0]:
-            return blend_tiles(x, self._encode_plan(), lambda t: self._encode_moments(t, deterministic))
+            return self._blend_tiles(FlaxAutoencoderKL._encode_moments, x, self._encode_plan(), deterministic)
         return self._encode_moments(x, deterministic)
 
     def _decode_nhwc(self, z: jax.Array, deterministic: bool) -> jax.Array:
         if self.use_tiling and max(z.shape[1:3]) > self._tile_sizes()[1]:
-            return blend_tiles(z, self._decode_plan(), lambda t: self._decode_latents(t, deterministic))
+            return self._blend_tiles(FlaxAutoencoderKL._decode_latents, z, self._decode_plan(), deterministic)
         return self._decode_latents(z, deterministic)
 
     def _sliced(self, method: Any, x: jax.Array, deterministic: bool) -> jax.Array:
         """``method(self, x)``, or with slicing one batch item at a time in a ``lax.map`` (a sequential loop)."""
         if not self.use_slicing or x.shape[0] == 1 or self.is_initializing():
             return method(self, x, deterministic)
+        run = self._pure(method, deterministic)
+        return jax.lax.map(lambda item: run(item[None])[0], x)
+
+    def _blend_tiles(self, method: Any, x: jax.Array, plan: Any, deterministic: bool) -> jax.Array:
+        if self.is_initializing():  # no variables to close over yet: one call per tile
+            return blend_tiles(x, plan, lambda t: method(self, t, deterministic), loop=False)
+        return blend_tiles(x, plan, self._pure(method, deterministic))
+
+    def _pure(self, method: Any, deterministic: bool) -> Any:
+        """``method`` as a pure function of its input (closing over this module's variables), for ``lax.map``:
+        linen submodules cannot be called inside a jax transform directly."""
         module, variables = self.unbind()
-        return jax.lax.map(lambda item: module.apply(variables, item[None], deterministic, method=method)[0], x)
+        return lambda x: module.apply(variables, x, deterministic, method=method)
 
     def _tile_sizes(self) -> tuple[int, int]:
         """(tile in pixels, tile in latents)."""

@@ -1,7 +1,9 @@
 """Blend tiling for the Flax model (NHWC inside); the tile plan lives in :mod:`klvae.tiling`.
 
-Tiles are static slices, so a tiled encode/decode traces and jits like any other call (one compiled program per
-input shape; edge tiles of a different size are traced once each).
+Tiles of equal shape are stacked and run one after another in a ``jax.lax.map``: the network is traced once per
+distinct tile shape (at most four: interior, right edge, bottom edge, corner) however many tiles there are, and
+only one tile's activations are alive at a time, which is the point of tiling. Blending and stitching are cheap
+static slices, unrolled.
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ from klvae.tiling import BlendPlan, blend_ramp
 
 __all__ = ["blend_tiles", "tiled_decode", "tiled_encode"]
 
+Start = tuple[int, int]
 
-def blend_tiles(x: jax.Array, plan: BlendPlan, run: Callable[[jax.Array], jax.Array]) -> jax.Array:
+
+def blend_tiles(x: jax.Array, plan: BlendPlan, run: Callable[[jax.Array], jax.Array], *,
+                loop: bool = True) -> jax.Array:
     """Run ``run`` on each (B, tile, tile, C) tile of ``x``, blend it into its upper and left neighbours, crop,
     stitch.
 
     Each tile is blended against neighbours that were themselves already blended, in diffusers' order (row by
-    row, left to right), so the result equals the PyTorch backend's and diffusers' tiled output.
+    row, left to right), so the result equals the PyTorch backend's and diffusers' tiled output. ``run`` must be
+    a pure function when ``loop`` is true (tiles go through ``lax.map``); with ``loop=False`` each tile is a
+    separate call (needed while a linen module initialises).
     """
-    rows = [[run(x[:, i:i + plan.tile, j:j + plan.tile, :]) for j in plan.starts(x.shape[2])]
-            for i in plan.starts(x.shape[1])]
+    row_starts, col_starts = plan.starts(x.shape[1]), plan.starts(x.shape[2])
+    outputs = _run_tiles(x, [(i, j) for i in row_starts for j in col_starts], plan.tile, run, loop)
+    rows = [[outputs[(i, j)] for j in col_starts] for i in row_starts]
     stitched = []
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
@@ -36,6 +44,24 @@ def blend_tiles(x: jax.Array, plan: BlendPlan, run: Callable[[jax.Array], jax.Ar
             row[j] = tile  # later neighbours blend against this blended tile
         stitched.append(jnp.concatenate([t[:, :plan.row_limit, :plan.row_limit, :] for t in row], axis=2))
     return jnp.concatenate(stitched, axis=1)
+
+
+def _run_tiles(x: jax.Array, starts: list[Start], tile: int, run: Callable[[jax.Array], jax.Array],
+               loop: bool) -> dict[Start, jax.Array]:
+    """``{start: run(tile at start)}``, one ``lax.map`` per distinct tile shape."""
+    def cut(i: int, j: int) -> jax.Array:
+        return x[:, i:i + tile, j:j + tile, :]
+
+    if not loop:
+        return {start: run(cut(*start)) for start in starts}
+    groups: dict[tuple[int, int], list[Start]] = {}
+    for i, j in starts:
+        groups.setdefault((min(tile, x.shape[1] - i), min(tile, x.shape[2] - j)), []).append((i, j))
+    outputs: dict[Start, jax.Array] = {}
+    for members in groups.values():
+        results = jax.lax.map(run, jnp.stack([cut(*start) for start in members]))
+        outputs.update((start, results[k]) for k, start in enumerate(members))
+    return outputs
 
 
 def _blend(prev: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.Array:
