@@ -44,7 +44,7 @@ class LoadedImage:
         return self.pixels.shape[0], self.pixels.shape[1]
 
 
-def _pil():
+def pillow():
     try:
         from PIL import Image
     except ImportError:
@@ -57,13 +57,13 @@ def read_image(source: str | bytes, name: str | None = None) -> LoadedImage:
     """Decode an image file (a path, or the file's bytes with ``name`` for messages)."""
     import io
 
-    Image = _pil()
+    Image = pillow()
     name = name or (source if isinstance(source, str) else "<bytes>")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(fp) as im:
             orientation = _orientation(im)
-            pixels, bits = _decode(im)
+            pixels, bits = pixels_of(im)
             if im.format == "PNG" and bits == 8 and _png_bit_depth(source) == 16:
                 wide = _decode_png16(fp)
                 if wide is None:
@@ -91,7 +91,7 @@ def _orientation(im) -> int:
         return 1
 
 
-def _decode(im) -> tuple[np.ndarray, int]:
+def pixels_of(im) -> tuple[np.ndarray, int]:
     """Pixels of an opened Pillow image as (H, W, C) float32 in [0, 1], and the source bit depth."""
     mode = im.mode
     if mode.startswith("I;16"):
@@ -129,7 +129,7 @@ def _png_bit_depth(source: str | bytes) -> int:
 
 def _decode_png16(fp) -> np.ndarray | None:
     """All 16 bits of a 16-bit RGB or RGBA PNG, or None for layouts this cannot do (grey + alpha)."""
-    Image = _pil()
+    Image = pillow()
     halves = []
     for low in (False, True):
         if hasattr(fp, "seek"):
@@ -230,7 +230,7 @@ def write_image(path: str, pixels: np.ndarray, bits: int = 8) -> None:
             raise ImageError(f"{path}: 16-bit images are written as PNG; use a .png name")
         atomic_write_bytes(path, encode_png(quantize(pixels, 16)))
         return
-    Image = _pil()
+    Image = pillow()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
     im = Image.fromarray(quantize(pixels, 8)[..., 0] if c == 1 else quantize(pixels, 8), mode=mode)
     if path.lower().endswith((".jpg", ".jpeg")) and c in (2, 4):

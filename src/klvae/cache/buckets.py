@@ -103,9 +103,9 @@ def _with_channels(im, channels: int, name: str):
     from PIL import Image
 
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        from klvae.images import _decode, quantize
+        from klvae.images import pixels_of, quantize
 
-        pixels, _ = _decode(im)
+        pixels, _ = pixels_of(im)
         im = Image.fromarray(quantize(pixels, 8)[..., 0], mode="L")
     if channels == 4:
         return im.convert("RGBA")

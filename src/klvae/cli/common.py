@@ -312,9 +312,9 @@ def expand_inputs(inputs: list[str], is_wanted, what: str) -> list[str]:
 
 def check_images_readable(paths: list[str]) -> None:
     """Open every image's header (cheap), so a bad input fails before the model loads or anything is written."""
-    from klvae.images import ImageError, _pil
+    from klvae.images import ImageError, pillow
 
-    Image = _pil()
+    Image = pillow()
     for path in paths:
         try:
             with Image.open(path) as im:
