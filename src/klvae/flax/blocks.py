@@ -77,9 +77,12 @@ class FlaxUpsample2D(nn.Module):
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2 (a broadcast and reshape; no gather)."""
-    b, h, w, c = x.shape
-    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    """(B, H, W, C) -> (B, 2H, 2W, C), each pixel repeated 2x2 (no gather, unlike ``jax.image.resize``).
+
+    ``jnp.repeat`` rather than a hand-written broadcast and reshape: it carries a batch sharding through under
+    explicit-sharding meshes, where a bare reshape of the broadcast is refused.
+    """
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class FlaxDownEncoderBlock2D(nn.Module):
