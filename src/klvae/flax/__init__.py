@@ -18,3 +18,5 @@ from klvae.flax.outputs import FlaxDecoderOutput as FlaxDecoderOutput
 from klvae.flax.outputs import FlaxDiagonalGaussianDistribution as FlaxDiagonalGaussianDistribution
 from klvae.flax.tiling import tiled_decode as tiled_decode
 from klvae.flax.tiling import tiled_encode as tiled_encode
+from klvae.flax.parallel import replicate as replicate
+from klvae.flax.parallel import shard_batch as shard_batch

@@ -186,16 +186,9 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         params_rng, dropout_rng, gaussian_rng = jax.random.split(rng, 3)
         rngs = {"params": params_rng, "dropout": dropout_rng, "gaussian": gaussian_rng}
         shape = (1, self.in_channels, f, f)
-
-        def init(rngs: dict[str, jax.Array], sample: jax.Array) -> Any:
-            return plain.init(rngs, sample)["params"]
-
         if eval_only:
-            return jax.eval_shape(init, rngs, jax.ShapeDtypeStruct(shape, jnp.float32))
-        # One compile beats op-by-op dispatch by far. On CPU, XLA's LLVM optimisation of the random-number code
-        # dominates that compile (about 4x) and buys nothing for code that runs once, so it is turned off.
-        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        return jax.jit(init, compiler_options=options)(rngs, jnp.zeros(shape, jnp.float32))
+            return jax.eval_shape(_init_params(plain), rngs, jax.ShapeDtypeStruct(shape, jnp.float32))
+        return _jitted_init(plain)(rngs, jnp.zeros(shape, jnp.float32))
 
     # ------------------------------------------------------------------ public API (NCHW)
     def encode(self, sample: jax.Array, deterministic: bool = True,
@@ -287,6 +280,19 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
 
     def _decode_plan(self):
         return decode_plan(*self._tile_sizes(), self.tile_overlap_factor)
+
+
+def _init_params(module: FlaxAutoencoderKL) -> Any:
+    return lambda rngs, sample: module.init(rngs, sample)["params"]
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(module: FlaxAutoencoderKL) -> Any:
+    """A jitted init per module (compiled once, reused by later init_weights calls). One compile beats op-by-op
+    dispatch by far; on CPU, XLA's LLVM optimisation of the random-number code dominates that compile (about 4x)
+    and buys nothing for code that runs once, so it is turned off there."""
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(_init_params(module), compiler_options=options)
 
 
 @functools.lru_cache(maxsize=128)
