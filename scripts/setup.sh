@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh test     the same plus the test dependencies (diffusers is the tests' oracle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="torch,hub,flax,serve,train"
+extras="torch,hub,flax,serve,train,cli"
 [ "${1:-}" = "test" ] && extras="$extras,test"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
