@@ -33,15 +33,45 @@ def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- storage
+class Pieces:
+    """A rectangle of a stored node as the views of the chunks it spans, ``[(tensor, region), ...]``, so that a
+    normalisation can read them straight into its padded buffer instead of concatenating them first."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, Region]], region: Region):
+        self.parts, self.region = parts, region
+
+    def crop(self, want: Region) -> list[tuple[torch.Tensor, Region]]:
+        out = []
+        for tensor, (r0, r1, c0, c1) in self.parts:
+            a = (max(r0, want[0]), min(r1, want[1]), max(c0, want[2]), min(c1, want[3]))
+            if a[0] < a[1] and a[2] < a[3]:
+                out.append((crop(tensor, (r0, r1, c0, c1), a), a))
+        return out
+
+    def tensor(self, want: Region) -> torch.Tensor:
+        parts = self.crop(want)
+        if len(parts) == 1:
+            return parts[0][0]
+        rows: dict[int, list[torch.Tensor]] = {}
+        for tensor, region in sorted(parts, key=lambda p: (p[1][0], p[1][2])):
+            rows.setdefault(region[0], []).append(tensor)
+        bands = [ts[0] if len(ts) == 1 else torch.cat(ts, dim=3) for _, ts in sorted(rows.items())]
+        return bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+
+
+def _take(value: torch.Tensor | Pieces, have: Region, want: Region) -> torch.Tensor:
+    return value.tensor(want) if isinstance(value, Pieces) else crop(value, have, want)
+
+
 class FullStore:
     """A node held as one tensor (the input, the output, the attention's input and output)."""
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
 
-    def read(self, region: Region) -> torch.Tensor:
+    def read(self, region: Region) -> Pieces:
         r0, r1, c0, c1 = region
-        return self.tensor[:, :, r0:r1, c0:c1]
+        return Pieces([(self.tensor[:, :, r0:r1, c0:c1], region)], region)
 
     def write(self, region: Region, value: torch.Tensor) -> None:
         r0, r1, c0, c1 = region
@@ -64,21 +94,19 @@ class ChunkStore:
         return (range(bisect.bisect_right(self.rows, r0) - 1, bisect.bisect_left(self.rows, r1)),
                 range(bisect.bisect_right(self.cols, c0) - 1, bisect.bisect_left(self.cols, c1)))
 
-    def read(self, region: Region) -> torch.Tensor:
+    def read(self, region: Region) -> Pieces:
         r0, r1, c0, c1 = region
         rows_i, cols_j = self.chunk_range(region)
-        bands = []
+        parts = []
         for i in rows_i:
-            pieces = []
+            a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
             for j in cols_j:
                 tensor, first = self.chunks[i, j]
-                a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
                 if a < first:
                     raise AssertionError(f"chunk {(i, j)} was released above row {first}; row {a} is needed")
-                pieces.append(tensor[:, :, a - first:b - first,
-                                     max(c0, self.cols[j]) - self.cols[j]:min(c1, self.cols[j + 1]) - self.cols[j]])
-            bands.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
-        return bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+                c, d = max(c0, self.cols[j]), min(c1, self.cols[j + 1])
+                parts.append((tensor[:, :, a - first:b - first, c - self.cols[j]:d - self.cols[j]], (a, b, c, d)))
+        return Pieces(parts, region)
 
     def write(self, key: tuple[int, int], value: torch.Tensor) -> None:
         self.chunks[key] = (value.contiguous(), self.rows[key[0]])
@@ -169,30 +197,61 @@ class _Executor:
         src_size = self.plan.size(src_name)
         if node.op == ADD:
             y, y_have = values[node.inputs[1]]
-            return crop(x, have, region) + crop(y, y_have, region)
+            return _take(x, have, region) + _take(y, y_have, region)
         conv = self.module(node.conv)
+        if node.op == NORM_ACT_CONV:
+            return self.norm_act_conv(node, conv, x, have, region, src_size)
         if node.op == UP_CONV:
             r0, r1, c0, c1 = region
             wanted = (r0 - 1, r1 + 1, c0 - 1, c1 + 1)
             got = clip(wanted, (2 * src_size[0], 2 * src_size[1]))
             src = (got[0] // 2, (got[1] + 1) // 2, got[2] // 2, (got[3] + 1) // 2)
-            up = upsample_nearest_2x(crop(x, have, src))
+            up = upsample_nearest_2x(_take(x, have, src))
             up = crop(up, (2 * src[0], 2 * src[1], 2 * src[2], 2 * src[3]), got)
             return _conv(conv, up, _pads(wanted, got))
         if node.op == DOWN_CONV:
             r0, r1, c0, c1 = region
             wanted = (2 * r0, 2 * r1 + 1, 2 * c0, 2 * c1 + 1)
             got = clip(wanted, src_size)
-            return _conv(conv, crop(x, have, got), _pads(wanted, got))
+            return _conv(conv, _take(x, have, got), _pads(wanted, got))
+        if node.op != CONV:
+            raise ValueError(f"cannot compute a {node.op} node over a tile")
         p = node.kernel // 2
         wanted = (region[0] - p, region[1] + p, region[2] - p, region[3] + p)
         got = clip(wanted, src_size)
-        x = crop(x, have, got)
-        if node.op == NORM_ACT_CONV:
-            x = _activate(self.module(node.act), apply_norm(x, *self.norm(node)))
-        elif node.op != CONV:
-            raise ValueError(f"cannot compute a {node.op} node over a tile")
-        return _conv(conv, x, _pads(wanted, got))
+        return _conv(conv, _take(x, have, got), _pads(wanted, got))
+
+    def norm_act_conv(self, node: Node, conv: nn.Conv2d, x, have: Region, region: Region,
+                      src_size: tuple[int, int]) -> torch.Tensor:
+        """conv(act(norm(x))) over ``region``: the normalised input is written straight into the convolution's
+        zero-padded input buffer, piece by piece (no concatenation or padding copies)."""
+        p = node.kernel // 2
+        w0, w1, v0, v1 = (region[0] - p, region[1] + p, region[2] - p, region[3] + p)
+        got = clip((w0, w1, v0, v1), src_size)
+        parts = x.crop(got) if isinstance(x, Pieces) else [(crop(x, have, got), got)]
+        sample = parts[0][0]
+        buf = sample.new_empty(sample.shape[0], sample.shape[1], w1 - w0, v1 - v0)
+        top, bottom, left, right = got[0] - w0, w1 - got[1], got[2] - v0, v1 - got[3]
+        if top:
+            buf[:, :, :top] = 0
+        if bottom:
+            buf[:, :, -bottom:] = 0
+        if left:
+            buf[:, :, :, :left] = 0
+        if right:
+            buf[:, :, :, -right:] = 0
+        scale, shift = self.norm(node)
+        for tensor, (a, b, c, d) in parts:
+            dst = buf[:, :, a - w0:b - w0, c - v0:d - v0]
+            if tensor.dtype == scale.dtype:
+                torch.addcmul(shift, tensor, scale, out=dst)
+            else:
+                dst.copy_(apply_norm(tensor, scale, shift))
+        inner = buf[:, :, top:buf.shape[2] - bottom, left:buf.shape[3] - right]
+        activated = _activate(self.module(node.act), inner)
+        if activated is not inner:  # an activation without an in-place form
+            inner.copy_(activated)
+        return F.conv2d(buf, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
     def norm(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
         if node.name not in self.norm_params:
@@ -263,7 +322,7 @@ class _Executor:
                 values[name] = (value, region)
                 if name in step.store or name in step.stats:
                     owned = plan.grid.owned(i, j, graph[name].scale)
-                    part = crop(value, region, owned)
+                    part = _take(value, region, owned)
                     if name in step.store:
                         store = self.stores[name]
                         store.write(owned if isinstance(store, FullStore) else (i, j), part)

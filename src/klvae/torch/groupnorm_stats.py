@@ -12,8 +12,8 @@ class GroupNormStats:
     Tiles are combined with Chan et al.'s parallel formula in float64: for parts a and b,
     ``mean = mean_a + d * n_b / n`` and ``M2 = M2_a + M2_b + d**2 * n_a * n_b / n`` with ``d = mean_b - mean_a``.
     The last term, the spread of the tile means, is what averaging per-tile variances leaves out. Each tile's own
-    mean and variance come from ``torch.var_mean`` (which accumulates in float64 on CPU and uses Welford's
-    algorithm), so the result is the biased variance GroupNorm uses, over the whole tensor.
+    mean and variance come from the GroupNorm kernel itself (``torch.native_group_norm``, the statistics untiled
+    GroupNorm computes, at its speed), so the result is the biased variance GroupNorm uses, over the whole tensor.
     """
 
     def __init__(self, groups: int):
@@ -28,11 +28,9 @@ class GroupNormStats:
         n = (c // self.groups) * x.shape[2] * x.shape[3]
         if n == 0:
             return
-        grouped = x.unflatten(1, (self.groups, c // self.groups))
-        if grouped.dtype not in (torch.float32, torch.float64):
-            grouped = grouped.float()
-        var, mean = torch.var_mean(grouped, dim=(2, 3, 4), correction=0)
-        mean, m2 = mean.double(), var.double() * n
+        hw = x.shape[2] * x.shape[3]
+        _, mean, rstd = torch.native_group_norm(x.contiguous(), None, None, b, c, hw, self.groups, 0.0)
+        mean, m2 = mean.double(), rstd.double().pow(-2) * n  # eps 0: rstd = var ** -0.5 (inf when var is 0)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return

@@ -68,6 +68,8 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
 EXACT_TILE_SIZE = 256
 # Without a memory_limit, the plan stays within this fraction of the memory available when it is made.
 DEFAULT_MEMORY_FRACTION = 0.5
+# "auto" runs untiled when the estimate fits this fraction of the available memory (estimates are +-20%).
+AUTO_MEMORY_FRACTION = 0.8
 
 
 def exact_plan(model, x: torch.Tensor, kind: str, tile_sample_min_size: int | None = None,
@@ -149,7 +151,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 def _auto(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
     """Untiled if the estimate fits the limit, else exact tiling; an out-of-memory error also falls back to
     exact tiling (after leaving the ``except`` block, so the failed attempt's tensors are freed first)."""
-    limit = memory_limit if memory_limit is not None else available_memory(x.device)
+    limit = memory_limit
+    if limit is None:
+        available = available_memory(x.device)
+        limit = None if available is None else AUTO_MEMORY_FRACTION * available
     needed, _ = untiled_estimate(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size())
     if limit is not None and needed > limit:
         return _exact(model, x, kind, tile, limit)
