@@ -17,11 +17,18 @@ from klvae.flax.layers import Dtype, Precision, dense, group_norm
 
 
 class FlaxAttentionBlock(nn.Module):
+    """``x + proj_attn(attention(group_norm(x)))`` over all H * W positions, one head.
+
+    ``query_chunk_size``: attend that many queries at a time in a ``lax.map`` (memory O(chunk * H * W) instead of
+    O((H * W)^2) for the scores); None attends all at once.
+    """
+
     channels: int
     num_groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    query_chunk_size: int | None = None
 
     def setup(self) -> None:
         self.group_norm = group_norm(self, self.num_groups)
@@ -35,8 +42,24 @@ class FlaxAttentionBlock(nn.Module):
         b, h, w, c = hidden_states.shape
         x = self.group_norm(hidden_states).reshape(b, h * w, c)
         q, k, v = self.query(x), self.key(x), self.value(x)
-        scores = jnp.einsum("bqc,bkc->bqk", q, k, precision=self.precision, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores * (1.0 / math.sqrt(c)), axis=-1).astype(v.dtype)
-        x = jnp.einsum("bqk,bkc->bqc", probs, v, precision=self.precision)
+        x = attend(q, k, v, 1.0 / math.sqrt(c), self.precision, self.query_chunk_size)
         x = self.proj_attn(x).reshape(b, h, w, c)
         return x + residual
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, precision: Precision = None,
+           query_chunk_size: int | None = None) -> jax.Array:
+    """``softmax(q k^T * scale) v`` for (B, N, C) inputs; scores and softmax in float32."""
+    def block(queries: jax.Array) -> jax.Array:
+        scores = jnp.einsum("bqc,bkc->bqk", queries, k, precision=precision, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores * scale, axis=-1).astype(v.dtype)
+        return jnp.einsum("bqk,bkc->bqc", probs, v, precision=precision)
+
+    n = q.shape[1]
+    if query_chunk_size is None or n <= query_chunk_size:
+        return block(q)
+    chunks = -(-n // query_chunk_size)
+    padded = jnp.pad(q, ((0, 0), (0, chunks * query_chunk_size - n), (0, 0)))  # padded queries are dropped
+    blocks = padded.reshape(q.shape[0], chunks, query_chunk_size, q.shape[2]).swapaxes(0, 1)
+    out = jax.lax.map(block, blocks).swapaxes(0, 1).reshape(q.shape[0], chunks * query_chunk_size, v.shape[2])
+    return out[:, :n]

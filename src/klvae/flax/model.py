@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -19,8 +20,10 @@ from klvae.flax.blocks import FlaxDownEncoderBlock2D, FlaxUNetMidBlock2D, FlaxUp
 from klvae.flax.layers import Dtype, Precision, conv, group_norm, to_nchw, to_nhwc
 from klvae.flax.loading import FlaxPretrainedMixin
 from klvae.flax.outputs import FlaxAutoencoderKLOutput, FlaxDecoderOutput, FlaxDiagonalGaussianDistribution
+from klvae.flax import tiling
+from klvae.flax.exact_tiling import run_exact
 from klvae.flax.tiling import blend_tiles
-from klvae.tiling import MODES, decode_plan, encode_plan
+from klvae.tiling import decode_plan, encode_plan
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderKLConfig))
 _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std")
@@ -126,6 +129,7 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
     tiling_mode: str = "blend"
     tile_sample_min_size: int | None = None  # None: the config's sample_size
     tile_overlap_factor: float = 0.25
+    tiling_memory_limit: float | None = None  # exact/auto: activation bytes to stay within (None: from free memory)
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:  # lists would make the module unhashable
@@ -136,7 +140,7 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         config = self.config  # validates the architecture fields
         _check_tiling(self.tiling_mode, self.tile_sample_min_size, self.tile_overlap_factor,
-                      config.downsample_factor)
+                      self.tiling_memory_limit, config.downsample_factor)
         super().__post_init__()
 
     # ------------------------------------------------------------------ config
@@ -157,16 +161,22 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         return self.clone(use_slicing=enabled)
 
     def with_tiling(self, mode: str = "blend", *, tile_sample_min_size: int | None = None,
-                    tile_overlap_factor: float | None = None, enabled: bool = True) -> FlaxAutoencoderKL:
-        """A copy that encodes/decodes images larger than the tile size in overlapping tiles.
+                    tile_overlap_factor: float | None = None, memory_limit: float | None = None,
+                    enabled: bool = True) -> FlaxAutoencoderKL:
+        """A copy that encodes/decodes images larger than the tile size in tiles.
 
-        ``mode="blend"`` is diffusers' algorithm (same output as diffusers' and the torch backend's tiling).
+        ``"blend"`` (default here: it runs under jit) is diffusers' algorithm (diffusers' and the torch
+        backend's tiled output). ``"exact"`` gives the untiled output with memory bounded by a plan, running
+        eagerly (not under jit); ``"auto"`` runs untiled when the estimated memory fits ``memory_limit`` (default:
+        the memory available), otherwise exactly tiled. See :mod:`klvae.flax.tiling`.
         """
         changes: dict[str, Any] = dict(use_tiling=enabled, tiling_mode=mode)
         if tile_sample_min_size is not None:
             changes["tile_sample_min_size"] = tile_sample_min_size
         if tile_overlap_factor is not None:
             changes["tile_overlap_factor"] = tile_overlap_factor
+        if memory_limit is not None:
+            changes["tiling_memory_limit"] = memory_limit
         return self.clone(**changes)
 
     # ------------------------------------------------------------------ modules
@@ -243,11 +253,15 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         return self.decoder(z, deterministic)
 
     def _encode_nhwc(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.use_tiling and self.tiling_mode != "blend":
+            return self._planned(FlaxAutoencoderKL._encode_moments, "encode", x, deterministic)
         if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0]:
             return self._blend_tiles(FlaxAutoencoderKL._encode_moments, x, self._encode_plan(), deterministic)
         return self._encode_moments(x, deterministic)
 
     def _decode_nhwc(self, z: jax.Array, deterministic: bool) -> jax.Array:
+        if self.use_tiling and self.tiling_mode != "blend":
+            return self._planned(FlaxAutoencoderKL._decode_latents, "decode", z, deterministic)
         if self.use_tiling and max(z.shape[1:3]) > self._tile_sizes()[1]:
             return self._blend_tiles(FlaxAutoencoderKL._decode_latents, z, self._decode_plan(), deterministic)
         return self._decode_latents(z, deterministic)
@@ -256,8 +270,37 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         """``method(self, x)``, or with slicing one batch item at a time in a ``lax.map`` (a sequential loop)."""
         if not self.use_slicing or x.shape[0] == 1 or self.is_initializing():
             return method(self, x, deterministic)
+        if self.use_tiling and self.tiling_mode != "blend":  # exact tiling runs eagerly: a Python loop
+            return jnp.concatenate([method(self, x[i:i + 1], deterministic) for i in range(x.shape[0])])
         run = self._pure(method, deterministic)
         return jax.lax.map(lambda item: run(item[None])[0], x)
+
+    def _planned(self, method: Any, kind: str, x: jax.Array, deterministic: bool) -> jax.Array:
+        """Exact or auto tiling: ``method`` untiled where the plan (or, for auto, memory) allows."""
+        if self.is_initializing():
+            return method(self, x, deterministic)
+        limit = self.tiling_memory_limit
+        if self.tiling_mode == "auto" and tiling.fits_untiled(self, x, kind, limit):
+            try:
+                return self._untiled(method, x, deterministic)
+            except Exception as e:  # an out-of-memory error falls back to exact tiling
+                if not tiling.is_out_of_memory(e) or isinstance(x, jax.core.Tracer):
+                    raise
+        plan = tiling.exact_plan(self, x, kind, self._tile_sizes()[0], limit)
+        if plan.grid.count == 1:  # fits one tile: nothing to split
+            return self._untiled(method, x, deterministic)
+        if limit is not None and plan.peak_bytes > limit:
+            warnings.warn(f"exact tiling: no plan found within memory_limit={limit:.3g} bytes; the leanest plan "
+                          f"found needs about {plan.peak_bytes:.3g}", ResourceWarning, stacklevel=3)
+        return run_exact(self, self.variables["params"], plan, x)
+
+    def _untiled(self, method: Any, x: jax.Array, deterministic: bool) -> jax.Array:
+        """``method`` on the whole input: inline when traced, else as one compiled program (exact and auto
+        modes run outside jit, where op-by-op dispatch would be slow)."""
+        if isinstance(x, jax.core.Tracer):
+            return method(self, x, deterministic)
+        module, variables = self.unbind()
+        return _jitted_method(module, method, deterministic)(variables, x)
 
     def _blend_tiles(self, method: Any, x: jax.Array, plan: Any, deterministic: bool) -> jax.Array:
         if self.is_initializing():  # no variables to close over yet: one call per tile
@@ -295,14 +338,21 @@ def _jitted_init(module: FlaxAutoencoderKL) -> Any:
     return jax.jit(_init_params(module), compiler_options=options)
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_method(module: FlaxAutoencoderKL, method: Any, deterministic: bool) -> Any:
+    return jax.jit(lambda variables, x: module.apply(variables, x, deterministic, method=method))
+
+
 @functools.lru_cache(maxsize=128)
 def _config_from_items(items: tuple[tuple[str, Any], ...]) -> AutoencoderKLConfig:
     return AutoencoderKLConfig(**dict(items))
 
 
-def _check_tiling(mode: str, tile: int | None, overlap: float, factor: int) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"tiling_mode: unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
+def _check_tiling(mode: str, tile: int | None, overlap: float, memory_limit: float | None, factor: int) -> None:
+    if mode not in tiling.MODES:
+        raise ConfigError(f"tiling_mode: unknown tiling mode {mode!r}; choose one of {', '.join(tiling.MODES)}")
+    if memory_limit is not None and not memory_limit > 0:
+        raise ConfigError(f"tiling_memory_limit must be a positive number of bytes, got {memory_limit!r}")
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < factor or tile % factor):
         raise ConfigError(f"tile_sample_min_size must be a positive multiple of {factor}, got {tile!r}")
     if not 0.0 <= overlap < 1.0:

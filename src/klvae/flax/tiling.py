@@ -1,4 +1,12 @@
-"""Blend tiling for the Flax model (NHWC inside); the tile plan lives in :mod:`klvae.tiling`.
+"""Tiling for the Flax model (NHWC inside), in the PyTorch backend's three modes; the plans are shared.
+
+- ``"blend"``: diffusers' algorithm (:mod:`klvae.tiling`); diffusers' tiled output. Traceable: works under jit.
+- ``"exact"``: the untiled output computed tile by tile with bounded memory (:mod:`klvae.tiling_plan`, run by
+  :mod:`klvae.flax.exact_tiling`). Eager only: it cannot run under ``jax.jit``.
+- ``"auto"``: untiled when the estimated memory fits (also under jit), otherwise, or after an out-of-memory
+  error, exact tiling.
+
+Blend tiling:
 
 Tiles of equal shape are stacked and run one after another in a ``jax.lax.map``: the network is traced once per
 distinct tile shape (at most four: interior, right edge, bottom edge, corner) however many tiles there are, and
@@ -14,9 +22,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from klvae.tiling import BlendPlan, blend_ramp
+from klvae.tiling import ALL_MODES, BlendPlan, blend_ramp
+from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
 
-__all__ = ["blend_tiles", "tiled_decode", "tiled_encode"]
+MODES = ALL_MODES  # this backend runs every mode
+# The PyTorch backend's choices (klvae.torch.tiling), repeated here so this module needs no torch:
+EXACT_TILE_SIZE = 256            # exact tiles are at most this many pixels wide
+DEFAULT_MEMORY_FRACTION = 0.5    # without a memory_limit, exact plans stay within this share of free memory
+AUTO_MEMORY_FRACTION = 0.8       # "auto" runs untiled when the estimate fits this share
+
+__all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "tiled_decode", "tiled_encode"]
 
 Start = tuple[int, int]
 
@@ -78,24 +93,106 @@ def _blend(prev: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.Arra
     return jnp.concatenate([mixed.astype(tile.dtype), rest], axis=axis)
 
 
-def tiled_decode(model: Any, params: Any, latents: jax.Array, *, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None) -> jax.Array:
-    """Decode (B, C, h, w) latents in blended tiles; sizes default to the model's tiling fields."""
-    tiled = _with_sizes(model, tile_sample_min_size, tile_overlap_factor)
-    return tiled.apply({"params": params}, latents, method=type(model).tiled_decode).sample
+def tiled_decode(model: Any, params: Any, latents: jax.Array, *, mode: str = "blend",
+                 tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
+                 memory_limit: float | None = None) -> jax.Array:
+    """Decode (B, C, h, w) latents in tiles; sizes default to the model's tiling fields.
+
+    ``"blend"`` always tiles; ``"exact"`` and ``"auto"`` run untiled when the input fits one tile (or, for auto,
+    memory), as the PyTorch backend's do. ``memory_limit``: activation bytes an exact plan stays within.
+    """
+    tiled = _configured(model, mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    method = type(model).tiled_decode if mode == "blend" else type(model).decode
+    return tiled.apply({"params": params}, latents, method=method).sample
 
 
-def tiled_encode(model: Any, params: Any, sample: jax.Array, *, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None) -> Any:
-    """Encode (B, C, H, W) images in blended tiles to the posterior; sizes default to the model's tiling fields."""
-    tiled = _with_sizes(model, tile_sample_min_size, tile_overlap_factor)
-    return tiled.apply({"params": params}, sample, method=type(model).tiled_encode).latent_dist
+def tiled_encode(model: Any, params: Any, sample: jax.Array, *, mode: str = "blend",
+                 tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
+                 memory_limit: float | None = None) -> Any:
+    """Encode (B, C, H, W) images in tiles to the posterior; options as :func:`tiled_decode`'s."""
+    tiled = _configured(model, mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    method = type(model).tiled_encode if mode == "blend" else type(model).encode
+    return tiled.apply({"params": params}, sample, method=method).latent_dist
 
 
-def _with_sizes(model: Any, tile: int | None, overlap: float | None) -> Any:
-    changes: dict[str, Any] = {}
+def _configured(model: Any, mode: str, tile: int | None, overlap: float | None, memory_limit: float | None) -> Any:
+    changes: dict[str, Any] = dict(use_tiling=True, tiling_mode=mode)
     if tile is not None:
         changes["tile_sample_min_size"] = tile
     if overlap is not None:
         changes["tile_overlap_factor"] = overlap
-    return model.clone(**changes) if changes else model
+    if memory_limit is not None:
+        changes["tiling_memory_limit"] = memory_limit
+    return model.clone(**changes)
+
+
+# ---------------------------------------------------------------------------------------------- exact / auto
+def exact_plan(model: Any, x: jax.Array, kind: str, tile_sample_min_size: int,
+               memory_limit: float | None = None) -> ExactPlan:
+    """The exact plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``, NHWC.
+
+    As the PyTorch backend's: inputs no larger than ``tile_sample_min_size`` get a one-tile plan; larger ones
+    tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels; ``memory_limit`` defaults to
+    ``DEFAULT_MEMORY_FRACTION`` of :func:`available_memory`.
+    """
+    f = model.config.downsample_factor
+    latent_hw = _latent_hw(model, x, kind)
+    tile = tile_sample_min_size
+    if max(latent_hw) > tile // f:
+        tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
+    if memory_limit is None:
+        available = available_memory(_device(x))
+        # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
+        memory_limit = None if available is None else (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
+    return plan_exact(model.config, kind, latent_hw, x.shape[0], jnp.dtype(model.dtype).itemsize, tile // f,
+                      None if memory_limit is None else float(memory_limit))
+
+
+def fits_untiled(model: Any, x: jax.Array, kind: str, memory_limit: float | None) -> bool:
+    """Whether "auto" runs ``x`` untiled: the estimated peak within ``memory_limit`` (default:
+    ``AUTO_MEMORY_FRACTION`` of the available memory; unknown memory counts as fitting)."""
+    if memory_limit is None:
+        available = available_memory(_device(x))
+        if available is None:
+            return True
+        memory_limit = AUTO_MEMORY_FRACTION * available
+    peak, _ = untiled_estimate(model.config, kind, _latent_hw(model, x, kind), x.shape[0],
+                               jnp.dtype(model.dtype).itemsize)
+    return peak <= memory_limit
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes a new allocation can take now: the accelerator's free memory (from ``memory_stats``), or
+    ``MemAvailable`` for the host CPU; None where unknown."""
+    stats = None
+    if device is not None and device.platform != "cpu":
+        try:
+            stats = device.memory_stats()
+        except Exception:  # not every backend reports
+            stats = None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _latent_hw(model: Any, x: jax.Array, kind: str) -> tuple[int, int]:
+    f = 1 if kind == "decode" else model.config.downsample_factor
+    return x.shape[1] // f, x.shape[2] // f
+
+
+def _device(x: jax.Array) -> Any:
+    if isinstance(x, jax.core.Tracer):
+        return jax.devices()[0]
+    return next(iter(x.devices()))

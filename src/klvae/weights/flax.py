@@ -85,20 +85,29 @@ def flax_param_shapes(config: AutoencoderKLConfig) -> dict[FlaxPath, Shape]:
     return {rule.path: rule.shape for rule in flax_param_table(config).values()}
 
 
-def _rule(key: str, shape: Shape) -> ParamRule:
+def flax_module_path(module: str) -> FlaxPath:
+    """The Flax tree path of a canonical module path: ``decoder.up_blocks.0.resnets.1.conv1`` ->
+    ``("decoder", "up_blocks_0", "resnets_1", "conv1")``, ``...attentions.0.to_out.0`` -> ``(..., "proj_attn")``."""
     for old, new in _ATTENTION_NAMES.items():
-        key = key.replace(f".{old}.", f".{new}.")
-    parts = key.split(".")
-    module, leaf = parts[:-1], parts[-1]
+        module = module.replace(f".{old}.", f".{new}.")
+        if module.endswith(f".{old}"):
+            module = module[:-len(old)] + new
+    parts = module.split(".")
     path: list[str] = []
     i = 0
-    while i < len(module):
-        if module[i] in _LIST_MODULES and i + 1 < len(module) and module[i + 1].isdigit():
-            path.append(f"{module[i]}_{module[i + 1]}")
+    while i < len(parts):
+        if parts[i] in _LIST_MODULES and i + 1 < len(parts) and parts[i + 1].isdigit():
+            path.append(f"{parts[i]}_{parts[i + 1]}")
             i += 2
         else:
-            path.append(module[i])
+            path.append(parts[i])
             i += 1
+    return tuple(path)
+
+
+def _rule(key: str, shape: Shape) -> ParamRule:
+    module, leaf = key.rsplit(".", 1)
+    path = flax_module_path(module)
     if leaf == "bias":
         kind = "bias"
     elif len(shape) == 4:
@@ -112,7 +121,7 @@ def _rule(key: str, shape: Shape) -> ParamRule:
     perm = _PERMUTATIONS[kind]
     flax_shape = tuple(shape[p] for p in perm) if perm else tuple(shape)
     name = {"conv": "kernel", "linear": "kernel", "scale": "scale", "bias": "bias"}[kind]
-    return ParamRule(tuple(path) + (name,), kind, flax_shape)
+    return ParamRule(path + (name,), kind, flax_shape)
 
 
 # ---------------------------------------------------------------------- canonical -> Flax
