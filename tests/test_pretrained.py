@@ -147,7 +147,7 @@ def test_pickles_with_code_never_run(pair, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     with open(tmp_path / "diffusion_pytorch_model.bin", "wb") as f:
-        pickle.dump({"encoder.conv_in.weight": Exploit()}, f)
+        pickle.dump({"encoder.conv_in.weight": Exploit()}, f, protocol=2)
     with pytest.raises(WeightsError, match="weights-only"):
         klvae.AutoencoderKL.from_pretrained(tmp_path)
     assert not marker.exists()
