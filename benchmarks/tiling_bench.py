@@ -136,9 +136,19 @@ def sweep(args) -> None:
                     cmd += ["--tile", str(args.tile)]
                 if limit:
                     cmd += ["--memory-limit", str(limit)]
-                print("running", " ".join(cmd[2:]), flush=True)
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                if proc.returncode != 0:
+                needed = _estimated_peak_bytes(impl, mode, op, size, limit)
+                available = _available_bytes()
+                if needed > 0.9 * available:  # do not push the machine (shared) into the OOM killer
+                    record = dict(impl=impl, mode=mode, op=op, size=size, tile=args.tile or 512, memory_limit=limit,
+                                  error=f"not run: needs about {needed / 2**30:.1f} GiB, "
+                                        f"{available / 2**30:.1f} GiB available", returncode=None)
+                    proc = None
+                else:
+                    print("running", " ".join(cmd[2:]), flush=True)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                if proc is None:
+                    pass
+                elif proc.returncode != 0:
                     record = dict(impl=impl, mode=mode, op=op, size=size, tile=args.tile or 512, memory_limit=limit,
                                   error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
                                   returncode=proc.returncode)
@@ -149,6 +159,30 @@ def sweep(args) -> None:
                 with open(args.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(json.dumps(record), flush=True)
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _estimated_peak_bytes(impl: str, mode: str, op: str, size: int, limit: float | None) -> float:
+    """A rough peak (model and libraries included) to decide whether a run can fit the machine now."""
+    from klvae.config import AutoencoderKLConfig
+    from klvae.tiling_plan import plan_exact, untiled_estimate
+
+    config = AutoencoderKLConfig(**SD_CONFIG)
+    latent = (size // 8, size // 8)
+    if mode == "untiled":
+        peak = untiled_estimate(config, op, latent, 1, 4)[0]
+    elif mode == "exact":
+        peak = plan_exact(config, op, latent, 1, 4, 32, limit).peak_bytes
+    else:  # blend tiles: one 512-pixel tile at a time, plus the tiles kept for blending
+        peak = untiled_estimate(config, op, (64, 64), 1, 4)[0] + 2 * 3 * 4 * size * size
+    return peak + 0.7 * 2**30
 
 
 def table(args) -> None:

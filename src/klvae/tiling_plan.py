@@ -56,6 +56,16 @@ class TileGrid:
         return self.rows[i] * scale, self.rows[i + 1] * scale, self.cols[j] * scale, self.cols[j + 1] * scale
 
 
+def pass_tile_latents(tile_latents: int, max_scale: int, scale: int) -> int:
+    """Tiles of a pass whose largest nodes are at ``scale``: the same size in those nodes' pixels as the full-
+    resolution tiles (``tile_latents`` latents at ``max_scale``), so low-resolution passes run few, large tiles."""
+    return tile_latents * max(1, max_scale // scale)
+
+
+def pass_scale(graph: Graph, step: "Pass") -> int:
+    return max(graph[name].scale for name in step.closure)
+
+
 def make_grid(latent_hw: tuple[int, int], tile_latents: int) -> TileGrid:
     """Split each axis into ``ceil(length / tile_latents)`` near-equal tiles."""
     if tile_latents < 1:
@@ -96,7 +106,8 @@ class ExactPlan:
     latent_hw: tuple[int, int]
     batch: int
     itemsize: int
-    grid: TileGrid
+    grid: TileGrid           # the tiles of the full-resolution passes (one tile: no tiling at all)
+    grids: tuple             # the tiles of each step (None for a GlobalStep)
     stored: frozenset[str]   # nodes kept between passes (includes ``full``)
     full: frozenset[str]     # stored as one whole tensor: input, output, the attention's input and output
     steps: tuple[Step, ...]
@@ -113,12 +124,17 @@ class ExactPlan:
         h, w = self.size(name)
         return self.batch * self.graph[name].channels * h * w * self.itemsize
 
-    def regions(self, step: Pass, i: int, j: int) -> dict[str, Region]:
-        """The rectangle of every node in ``step.closure`` that tile (i, j) needs, targets' own tiles included."""
+    def grid_of(self, step: Pass) -> TileGrid:
+        return self.grids[self.steps.index(step)]
+
+    def regions(self, step: Pass, i: int, j: int, grid: TileGrid | None = None) -> dict[str, Region]:
+        """The rectangle of every node in ``step.closure`` that tile (i, j) of the step's grid needs, targets'
+        own tiles included."""
         graph = self.graph
+        grid = grid or self.grid_of(step)
         need: dict[str, Region | None] = {name: None for name in step.closure}
         for t in step.targets:
-            need[t] = bbox(need[t], self.grid.owned(i, j, graph[t].scale))
+            need[t] = bbox(need[t], grid.owned(i, j, graph[t].scale))
         for name in reversed(step.closure):
             node = graph[name]
             if name in self.stored and name not in step.store:
@@ -135,18 +151,18 @@ class ExactPlan:
             inner = range(1, len(sizes) - 1) or range(len(sizes))
             return {0, len(sizes) - 1, max(inner, key=lambda k: sizes[k])}
 
-        tiles = [(i, j) for i in candidates(self.grid.rows) for j in candidates(self.grid.cols)]
         worst = 0
-        for step in self.steps:
+        for step, grid in zip(self.steps, self.grids):
             if not isinstance(step, Pass):
                 continue
-            for i, j in tiles:
-                worst = max(worst, self._tile_elements(step, i, j))
+            for i in candidates(grid.rows):
+                for j in candidates(grid.cols):
+                    worst = max(worst, self._tile_elements(step, grid, i, j))
         return worst
 
-    def _tile_elements(self, step: Pass, i: int, j: int) -> int:
+    def _tile_elements(self, step: Pass, grid: TileGrid, i: int, j: int) -> int:
         worst = 0
-        for name, (r0, r1, c0, c1) in self.regions(step, i, j).items():
+        for name, (r0, r1, c0, c1) in self.regions(step, i, j, grid).items():
             node = self.graph[name]
             channels, pad = node.channels, 0
             if node.op == UP_CONV:  # the nearest-upsampled input, before its convolution
@@ -271,9 +287,16 @@ def _tile_bytes(grid: TileGrid, node: Node, margin: int, batch: int, itemsize: i
     return batch * node.channels * th * tw * itemsize
 
 
-def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], grid: TileGrid,
+def step_grids(graph: Graph, steps: tuple[Step, ...], latent_hw: tuple[int, int], tile_latents: int) -> tuple:
+    max_scale = max(n.scale for n in graph.nodes)
+    return tuple(make_grid(latent_hw, pass_tile_latents(tile_latents, max_scale, pass_scale(graph, s)))
+                 if isinstance(s, Pass) else None for s in steps)
+
+
+def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile_latents: int,
              latent_hw: tuple[int, int], batch: int, itemsize: int) -> tuple[list[int], float]:
     """(estimated peak activation bytes of each step, total FLOPs) of running ``steps``."""
+    grids = step_grids(graph, steps, latent_hw, tile_latents)
     full = full_nodes(graph)
     last = last_reads(graph, steps)
 
@@ -292,6 +315,7 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], grid
             src = graph[step.node].inputs[0]
             peaks.append(sum(map(nbytes, alive)) + nbytes(step.node) + int(_GLOBAL_TRANSIENT * nbytes(src)))
             continue
+        grid = grids[k]
         static = sum(nbytes(n) for n in alive if n in full or last[n] > k)
         shrink = [n for n in alive if n not in full and last[n] == k]
         grow = [n for n in step.store if n not in full]
@@ -350,9 +374,9 @@ def estimate_untiled(graph: Graph, latent_hw: tuple[int, int], batch: int, items
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def _evaluate(graph, stored, grid, latent_hw, batch, itemsize, limit):
+def _evaluate(graph, stored, tile_latents, latent_hw, batch, itemsize, limit):
     steps = schedule(graph, stored)
-    peaks, flops = estimate(graph, steps, stored, grid, latent_hw, batch, itemsize)
+    peaks, flops = estimate(graph, steps, stored, tile_latents, latent_hw, batch, itemsize)
     excess = sum(max(0, p - limit) for p in peaks)
     return steps, peaks, flops, excess
 
@@ -368,18 +392,18 @@ def _involved(graph: Graph, steps: tuple[Step, ...], peaks: list[int], limit: fl
     return {n for n, p in produced.items() if any(p <= k <= last.get(n, p) for k in over)}
 
 
-def choose_stored(graph: Graph, grid: TileGrid, latent_hw: tuple[int, int], batch: int, itemsize: int,
+def choose_stored(graph: Graph, tile_latents: int, latent_hw: tuple[int, int], batch: int, itemsize: int,
                   memory_limit: float) -> tuple[frozenset[str], tuple[Step, ...], int, float]:
     """Greedy: store every storable node, then recompute the node that lowers the estimated excess over
     ``memory_limit`` most per extra FLOP, until nothing is over (or nothing more helps)."""
     full = full_nodes(graph)
     stored = frozenset(n.name for n in graph.nodes if n.storable) | full
-    steps, peaks, flops, excess = _evaluate(graph, stored, grid, latent_hw, batch, itemsize, memory_limit)
+    steps, peaks, flops, excess = _evaluate(graph, stored, tile_latents, latent_hw, batch, itemsize, memory_limit)
     while excess > 0:
         best = None
         for name in sorted(_involved(graph, steps, peaks, memory_limit) - full, key=graph.index):
             trial = stored - {name}
-            t_steps, t_peaks, t_flops, t_excess = _evaluate(graph, trial, grid, latent_hw, batch, itemsize,
+            t_steps, t_peaks, t_flops, t_excess = _evaluate(graph, trial, tile_latents, latent_hw, batch, itemsize,
                                                             memory_limit)
             gain = excess - t_excess
             if gain <= 0:
@@ -428,28 +452,30 @@ def plan_exact(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int
     latent_hw = tuple(latent_hw)
     untiled_peak, untiled_flops = estimate_untiled(graph, latent_hw, batch, itemsize)
     args = (graph, latent_hw, batch, itemsize)
-    grid = make_grid(latent_hw, tile_latents)
-    plans = [(grid, *choose_stored(*args[:1], grid, *args[1:], math.inf))]
+    plans = [(tile_latents, *choose_stored(*args[:1], tile_latents, *args[1:], math.inf))]
     store_all_peak = plans[0][3]
     for fraction in _LIMIT_STEPS:
-        plan = (grid, *choose_stored(*args[:1], grid, *args[1:], fraction * store_all_peak))
+        plan = (tile_latents, *choose_stored(*args[:1], tile_latents, *args[1:], fraction * store_all_peak))
         if plan[4] > max_flops_ratio * untiled_flops:
             break
         plans.append(plan)
-    best = min(plans, key=lambda p: (p[3], p[4]))
+    best = plans[0]
+    for plan in plans[1:]:  # recompute only for a saving of a quarter or more (estimates are good to ~10%)
+        if plan[3] < 0.75 * best[3] and plan[4] <= max_flops_ratio * untiled_flops:
+            best = plan
     if memory_limit is not None and best[3] > memory_limit:
         tile, best = tile_latents, None
         while True:
-            grid = make_grid(latent_hw, tile)
-            plan = (grid, *choose_stored(*args[:1], grid, *args[1:], float(memory_limit)))
+            plan = (tile, *choose_stored(*args[:1], tile, *args[1:], float(memory_limit)))
             if best is None or (plan[3] > memory_limit, plan[4] if plan[3] <= memory_limit else plan[3]) < \
                     (best[3] > memory_limit, best[4] if best[3] <= memory_limit else best[3]):
                 best = plan
             if plan[3] <= memory_limit or tile <= 8:
                 break
             tile //= 2
-    grid, stored, steps, peak, flops = best
-    return ExactPlan(graph, latent_hw, batch, itemsize, grid, stored, full_nodes(graph), steps,
+    tile, stored, steps, peak, flops = best
+    return ExactPlan(graph, latent_hw, batch, itemsize, make_grid(latent_hw, tile),
+                     step_grids(graph, steps, latent_hw, tile), stored, full_nodes(graph), steps,
                      last_reads(graph, steps), int(peak), flops, int(untiled_peak), untiled_flops)
 
 

@@ -184,6 +184,7 @@ class _Executor:
         self.stats: dict[str, GroupNormStats] = {}
         self.norm_params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.modules: dict[str, nn.Module] = {}
+        self.buffers: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
 
     def module(self, path: str) -> nn.Module:
         if path not in self.modules:
@@ -230,7 +231,7 @@ class _Executor:
         got = clip((w0, w1, v0, v1), src_size)
         parts = x.crop(got) if isinstance(x, Pieces) else [(crop(x, have, got), got)]
         sample = parts[0][0]
-        buf = sample.new_empty(sample.shape[0], sample.shape[1], w1 - w0, v1 - v0)
+        buf = self.buffer((sample.shape[0], sample.shape[1], w1 - w0, v1 - v0), sample.dtype)
         top, bottom, left, right = got[0] - w0, w1 - got[1], got[2] - v0, v1 - got[3]
         if top:
             buf[:, :, :top] = 0
@@ -251,7 +252,15 @@ class _Executor:
         activated = _activate(self.module(node.act), inner)
         if activated is not inner:  # an activation without an in-place form
             inner.copy_(activated)
-        return F.conv2d(buf, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+        out = F.conv2d(buf, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+        self.buffers[buf.shape, buf.dtype] = buf
+        return out
+
+    def buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor, reused across tiles of the same shape: fresh large allocations are mapped from the
+        OS page by page, which costs about as much as writing them once more."""
+        buf = self.buffers.pop((torch.Size(shape), dtype), None)
+        return buf if buf is not None else torch.empty(shape, dtype=dtype, device=self.device)
 
     def norm(self, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
         if node.name not in self.norm_params:
@@ -273,12 +282,11 @@ class _Executor:
                 del self.stores[name]
         return self.stores[graph.output].tensor
 
-    def new_store(self, name: str) -> FullStore | ChunkStore:
+    def new_store(self, name: str, grid) -> FullStore | ChunkStore:
         node = self.graph[name]
         if name in self.plan.full:
             h, w = self.plan.size(name)
             return FullStore(torch.empty(self.plan.batch, node.channels, h, w, dtype=self.dtype, device=self.device))
-        grid = self.plan.grid
         return ChunkStore(tuple(r * node.scale for r in grid.rows), tuple(c * node.scale for c in grid.cols))
 
     def run_global(self, step: GlobalStep) -> None:
@@ -289,10 +297,11 @@ class _Executor:
 
     def run_pass(self, k: int, step: Pass) -> None:
         plan, graph = self.plan, self.graph
-        tiles = plan.grid.tiles()
-        regions = [plan.regions(step, i, j) for i, j in tiles]
+        grid = plan.grids[k]
+        tiles = grid.tiles()
+        regions = [plan.regions(step, i, j, grid) for i, j in tiles]
         for name in step.store:
-            self.stores[name] = self.new_store(name)
+            self.stores[name] = self.new_store(name, grid)
         for name in step.stats:
             self.stats[name] = GroupNormStats(_groups_reading(graph, name))
         last_here = [n for n in step.reads if plan.last_read.get(n) == k]
@@ -306,6 +315,7 @@ class _Executor:
             for src in graph[name].inputs:
                 if src in order:
                     last_use[src] = max(last_use[src], order[name])
+        self.buffers.clear()  # scratch buffers live for one pass (their shapes change with the level)
         for t, (i, j) in enumerate(tiles):
             need = regions[t]
             values: dict[str, tuple[torch.Tensor, Region]] = {}
@@ -321,7 +331,7 @@ class _Executor:
                             values.pop(src, None)
                 values[name] = (value, region)
                 if name in step.store or name in step.stats:
-                    owned = plan.grid.owned(i, j, graph[name].scale)
+                    owned = grid.owned(i, j, graph[name].scale)
                     part = _take(value, region, owned)
                     if name in step.store:
                         store = self.stores[name]
