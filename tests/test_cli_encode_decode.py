@@ -227,3 +227,14 @@ def test_flax_backend_gives_the_same_latents(tmp_path, model_dir, model, images)
     torch.testing.assert_close(latents, _expected_mean(model, images["rgb"]), rtol=1e-4, atol=1e-5)
     assert main(["decode", str(out), "-o", str(tmp_path / "d"), "-m", model_dir, "--backend", "flax", "-q"]) == 0
     assert Image.open(tmp_path / "d" / "f.png").size == (18, 13)
+
+
+def test_flax_backend_with_exact_tiling(tmp_path, model_dir, model, images):
+    """Exact tiling runs its own eager executor: the CLI must not wrap it in jax.jit."""
+    pytest.importorskip("flax")
+    big = str(tmp_path / "big.png")  # larger than the model's tile size, so tiling engages
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(big)
+    out = tmp_path / "fx.safetensors"
+    assert main(["encode", big, "-o", str(out), "-m", model_dir, "--backend", "flax", "--tiling", "exact",
+                 "-q"]) == 0
+    torch.testing.assert_close(_read(str(out))[0], _expected_mean(model, big), rtol=1e-4, atol=1e-5)

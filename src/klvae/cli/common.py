@@ -183,6 +183,7 @@ class FlaxRunner(Runner):
         else:
             _no_config_for_folders(model_config)
             model, params = FlaxAutoencoderKL.from_pretrained(source.location, **options)
+        mode = None
         if tiling is not None:
             mode = "blend" if tiling == "default" else tiling
             try:
@@ -200,7 +201,10 @@ class FlaxRunner(Runner):
         def decode(p, z):
             return model.apply({"params": p}, z, method=FlaxAutoencoderKL.decode).sample
 
-        self._encode, self._decode = jax.jit(encode), jax.jit(decode)
+        # "exact" and "auto" tiling run their own eager executor (with jitted pieces inside); only the plain and
+        # "blend" paths are traced whole.
+        traced = mode in (None, "blend")
+        self._encode, self._decode = (jax.jit(encode), jax.jit(decode)) if traced else (encode, decode)
 
     def _put(self, a: np.ndarray):
         return self.jax.device_put(np.ascontiguousarray(a, np.float32), self.device)
