@@ -26,8 +26,9 @@ from klvae.tiling_graph import (ADD, CONV, DOWN_CONV, GLOBAL, INPUT, NORM_ACT_CO
 
 # Working memory of the global attention step, in multiples of its input (normalised x, q, k, v, output).
 _GLOBAL_TRANSIENT = 5.0
-# Per-tile working memory, in multiples of the largest per-tile operation (input, normalised copy, output).
-_TILE_TRANSIENT = 1.5
+# Per-tile working memory, in multiples of the largest per-tile operation's new tensors (for conv(act(norm(x))):
+# the normalised, padded copy of the input and the output; for upsample+conv: the upsampled copy and the output).
+_TILE_TRANSIENT = 1.25
 # Untiled eager runs hold more than the tensors the graph names (library workspaces, layout copies): measured
 # on CPU, fp32, SD config, the peak was 1.28x the tensor count at 512x512 decode (986 MiB vs 768 MiB).
 UNTILED_OVERHEAD = 1.3
@@ -320,8 +321,10 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile
         shrink = [n for n in alive if n not in full and last[n] == k]
         grow = [n for n in step.store if n not in full]
         static += sum(nbytes(n) for n in step.store if n in full)
-        per_tile = 1.0 / grid.count
-        slack = sum(1.5 * per_tile * nbytes(n) for n in shrink) + sum(per_tile * nbytes(n) for n in grow)
+        # Inputs are freed chunk by chunk as outputs are written: at tile t of n, (n - t) / n of the inputs and
+        # (t + 1) / n of the outputs are held, plus the chunks to the left that the next tile's halo reads.
+        held, made = sum(map(nbytes, shrink)), sum(map(nbytes, grow))
+        slack = (min(held, made) + (held if grid.count > 1 else 0)) / grid.count
         margins = _margins(graph, step, stored)
         work = 0
         for name in step.closure:
@@ -330,10 +333,10 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile
                 continue
             size = node_size(node, latent_hw)
             flops += node.flops * batch * _tiled_area(grid, node.scale, margins.get(name, 0), size)
-            ins = sum(_tile_bytes(grid, graph[s], margins.get(s, 0), batch, itemsize) for s in node.inputs)
-            work = max(work, 2 * ins + _tile_bytes(grid, node, margins.get(name, 0), batch, itemsize))
-        peaks.append(int(static + max(sum(map(nbytes, shrink)), sum(map(nbytes, grow))) + slack
-                         + _TILE_TRANSIENT * work))
+            src = _tile_bytes(grid, graph[node.inputs[0]], margins.get(node.inputs[0], 0), batch, itemsize)
+            copy = {NORM_ACT_CONV: src, UP_CONV: 4 * src, DOWN_CONV: src, CONV: src}.get(node.op, 0)
+            work = max(work, copy + _tile_bytes(grid, node, margins.get(name, 0), batch, itemsize))
+        peaks.append(int(static + max(held, made) + slack + _TILE_TRANSIENT * work))
     return peaks, flops
 
 
