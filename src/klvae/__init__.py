@@ -6,6 +6,7 @@ PyTorch model) imports torch on first use, and ``klvae.flax`` holds the Flax bac
 
 from __future__ import annotations
 
+import os as _os
 from typing import Any
 
 from klvae.config import PRESETS as PRESETS
@@ -21,6 +22,11 @@ from klvae.latents import unscale_latents as unscale_latents
 
 __version__ = "0.1.0"
 
+#: The bundled default model (a diffusers-layout folder): a small KL-f8, 4-latent-channel AutoencoderKL trained by
+#: ``python -m klvae.train.default_model`` on scikit-image's photographs. Loads with ``AutoencoderKL.from_pretrained``
+#: and ``FlaxAutoencoderKL.from_pretrained``.
+DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "default_model")
+
 # Names served lazily from the PyTorch backend, so importing klvae does not import torch.
 _TORCH_EXPORTS = {
     "AutoencoderKL": "klvae.torch.model",
@@ -33,7 +39,7 @@ _TORCH_EXPORTS = {
 }
 
 __all__ = ["AutoencoderKLConfig", "PRESETS", "preset", "scale_latents", "unscale_latents", "ConfigError",
-           "InputShapeError", "KLVAEError", "StateDictMismatchError", "WeightsError", *_TORCH_EXPORTS]
+           "InputShapeError", "KLVAEError", "StateDictMismatchError", "WeightsError", "DEFAULT_MODEL", *_TORCH_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
