@@ -12,7 +12,7 @@ import klvae
 WEIGHTS = os.path.join(klvae.DEFAULT_MODEL, "diffusion_pytorch_model.safetensors")
 pytestmark = pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason="default model not exported yet")
 # Measured on chelsea (held out of training) when the model was exported; see benchmarks/RESULTS.md.
-MIN_PSNR_CHELSEA = 20.0
+MIN_PSNR_CHELSEA = 16.0
 
 
 def _chelsea() -> np.ndarray:
@@ -33,7 +33,7 @@ def test_default_model_geometry_and_heldout_quality():
     assert model.config.latent_channels == 4 and model.config.downsample_factor == 8
     assert model.num_parameters() < 10_000_000
     values = evaluate_images(model, [_chelsea()])
-    assert values["psnr"][0] > MIN_PSNR_CHELSEA and values["ssim"][0] > 0.4
+    assert values["psnr"][0] > MIN_PSNR_CHELSEA and values["ssim"][0] > 0.5
     with torch.no_grad():
         assert model.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
 
