@@ -19,37 +19,22 @@ from klvae.config import CONFIG_NAME, AutoencoderKLConfig
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
 from klvae.hub import resolve_pretrained
-from klvae.weights.files import INDEX_SUFFIX, read_safetensors_header, shard_files, weights_name
+from klvae.weights.files import load_weights, weights_name
 from klvae.weights.flax import as_numpy_dtype, canonical_to_flax, flax_to_canonical, to_numpy
 
 
 def load_numpy_weights(path: str) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file, a shard index, or (with torch installed) a legacy ``.bin``."""
-    if path.endswith(INDEX_SUFFIX):
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shard_files(path):
-            tensors.update(load_numpy_weights(shard))
-        return tensors
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    return load_weights(path, "numpy", _load_pickle_as_numpy)
 
-        read_safetensors_header(path)  # typed errors for empty, truncated or corrupt files
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors' own errors carry no file name
-            raise WeightsError(f"{path}: cannot read safetensors file ({e})") from None
+
+def _load_pickle_as_numpy(path: str) -> dict[str, np.ndarray]:
     try:
-        import torch
+        from klvae.torch.loading import load_pickled_weights
     except ImportError:
         raise WeightsError(f"{path}: reading a PyTorch pickle needs torch; convert the folder to safetensors "
                            "(klvae's torch backend: AutoencoderKL.from_pretrained(...).save_pretrained(...))") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read as a weights-only PyTorch file ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: to_numpy(v, k, path) for k, v in obj.items()}
+    return {k: to_numpy(v, k, path) for k, v in load_pickled_weights(path).items()}
 
 
 class FlaxPretrainedMixin:

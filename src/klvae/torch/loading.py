@@ -16,7 +16,7 @@ from klvae.config import CONFIG_NAME, AutoencoderKLConfig
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
 from klvae.hub import resolve_pretrained
-from klvae.weights.files import INDEX_SUFFIX, read_safetensors_header, shard_files, weights_name
+from klvae.weights.files import load_weights, weights_name
 from klvae.weights.layout import check_shapes, rename_legacy_attention_keys, state_dict_shapes
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -35,19 +35,11 @@ def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def load_weights_file(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, a shard index, or a legacy ``.bin`` (weights-only unpickling)."""
-    if path.endswith(INDEX_SUFFIX):
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shard_files(path):
-            tensors.update(load_weights_file(shard))
-        return tensors
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    return load_weights(path, "torch", load_pickled_weights)
 
-        read_safetensors_header(path)  # typed errors for empty, truncated or corrupt files
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors' own errors carry no file name
-            raise WeightsError(f"{path}: cannot read safetensors file ({e})") from None
+
+def load_pickled_weights(path: str) -> dict[str, torch.Tensor]:
+    """A legacy ``.bin`` state dict through ``torch.load(weights_only=True)``: no pickled code can run."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -106,3 +106,25 @@ def safetensors_metadata(path: str) -> dict[str, str]:
         header = json.loads(f.read(n))
     meta = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}
+
+
+def load_weights(path: str, framework: str, load_pickle) -> dict:
+    """All tensors of a safetensors file or shard index, read as ``framework`` ("torch" or "numpy") tensors.
+
+    Any other file is handed to ``load_pickle(path)`` (each backend's weights-only reader of legacy ``.bin``).
+    """
+    if path.endswith(INDEX_SUFFIX):
+        tensors: dict = {}
+        for shard in shard_files(path):
+            tensors.update(load_weights(shard, framework, load_pickle))
+        return tensors
+    if not path.endswith(SAFETENSORS_SUFFIX):
+        return load_pickle(path)
+    import importlib
+
+    load_file = importlib.import_module(f"safetensors.{framework}").load_file
+    read_safetensors_header(path)  # typed errors for empty, truncated or corrupt files
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own errors carry no file name
+        raise WeightsError(f"{path}: cannot read safetensors file ({e})") from None
