@@ -23,6 +23,10 @@ def test_checkpointing_keeps_gradients():
     assert abs(loss - their_loss) <= 1e-5 * abs(their_loss)
     assert set(grads) == set(their_grads)
     for name in grads:
+        if name.endswith("to_k.bias"):  # softmax ignores a bias shared by all keys: its gradient is 0 + rounding
+            assert their_grads[name].abs().max() <= 1e-6 * max(g.abs().max() for g in their_grads.values())
+            assert grads[name].abs().max() <= 1e-6 * max(g.abs().max() for g in grads.values())
+            continue
         assert rel_err(grads[name], their_grads[name]) <= 5e-5, name
 
     ours.enable_gradient_checkpointing()

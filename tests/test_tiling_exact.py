@@ -150,8 +150,8 @@ def test_long_sequences_use_chunked_attention(monkeypatch):
 
 
 def test_tiles_stay_under_the_upsampling_index_limit(monkeypatch):
-    """With the 32-bit index limit lowered below the untiled upsample's size but above every tile's, the exact
-    decode runs every tile on the direct path and still equals the untiled decode computed before."""
+    """With the 32-bit index limit lowered below the untiled upsample's size but above every tile's, every
+    upsample convolution of the exact decode runs whole (no channel slices) and still equals the untiled decode."""
     import klvae.torch.blocks as blocks
 
     model = _model("three_blocks_l2")
@@ -160,16 +160,17 @@ def test_tiles_stay_under_the_upsampling_index_limit(monkeypatch):
     full_upsample = 2 * 16 * (9 * 4) * (11 * 4)  # batch, channels, the last upsample's output at full size
     assert plan.max_tile_elements() < full_upsample
     calls = []
-    direct = blocks.F.interpolate
+    direct = blocks.upsample_conv
 
-    def spy(x, *args, **kwargs):
-        calls.append(x.numel() * 4)
-        return direct(x, *args, **kwargs)
+    def spy(x, weight, *args, **kwargs):
+        out = direct(x, weight, *args, **kwargs)
+        calls.append(out.numel())
+        return out
 
     with torch.no_grad():
         expected = model._decode_latents(z)
         monkeypatch.setattr(blocks, "_INT32_LIMIT", plan.max_tile_elements())
-        monkeypatch.setattr(blocks.F, "interpolate", spy)
+        monkeypatch.setattr(exact_tiling, "upsample_conv", spy)
         got = tiled_decode(model, z, mode="exact", tile_sample_min_size=8)
     assert calls and max(calls) <= plan.max_tile_elements()
     assert rel_err(got, expected) <= TOL

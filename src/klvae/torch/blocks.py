@@ -60,35 +60,66 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then a 3x3 conv."""
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv (computed as :func:`upsample_conv`)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(upsample_nearest_2x(x))
+        return upsample_conv(x, self.conv.weight, self.conv.bias, padding=1)
 
 
-def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
-    """Nearest 2x upsampling that stays correct past 2**31 output elements (done in channel slices there)."""
-    b, c, h, w = x.shape
-    per_channel = b * 4 * h * w
-    if per_channel * c <= _INT32_LIMIT:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    """``conv3x3(nearest_upsample_2x(x))`` without building the upsampled tensor.
+
+    Each output pixel (2i + a, 2j + b) sees a 3x3 window of the upsampled image that covers only 2x2 input
+    pixels, so the four output phases (a, b) are 2x2 convolutions of ``x`` whose taps are sums of the 3x3 taps
+    (:func:`_phase_kernels`): 16 instead of 36 multiply-adds per output, the same result up to summation order.
+    ``padding`` (0 or 1) is the zero border of ``x``: with 1 the output is (2H, 2W), as ``Upsample2D``'s conv
+    with padding 1 gives; with 0 ``x`` carries its own one-pixel border and the output is (2H - 4, 2W - 4).
+    """
+    b, _, h, w = x.shape
+    c_out = weight.shape[0]
+    oh, ow = h + 2 * padding - 2, w + 2 * padding - 2       # output size / 2
+    kernels = _phase_kernels(weight)                          # (4 * c_out, c_in, 2, 2), phase-major
+    biases = bias.repeat(4) if bias is not None else None
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # out[n, c, i, a, j, b] is output pixel (2i + a, 2j + b); a channels-last input gets a channels-last output.
+    if channels_last:
+        out = x.new_empty(b, oh, 2, ow, 2, c_out).permute(0, 5, 1, 2, 3, 4)
+    else:
+        out = x.new_empty(b, c_out, oh, 2, ow, 2)
+    # Output channels in slices small enough for 32-bit indexing inside the convolution.
+    per_channel = b * 4 * (oh + 1) * (ow + 1)
     if per_channel > _INT32_LIMIT:
         raise ValueError(f"cannot upsample a tensor of shape {tuple(x.shape)}: one channel of the output alone "
                          "exceeds 2**31 elements; decode with slicing or tiling")
-    step = max(1, _INT32_LIMIT // per_channel)
-    out = x.new_empty(b, c, 2 * h, 2 * w, memory_format=_memory_format(x))
-    for start in range(0, c, step):
-        out[:, start:start + step] = F.interpolate(x[:, start:start + step], scale_factor=2.0, mode="nearest")
-    return out
+    step = max(1, min(c_out, _INT32_LIMIT // per_channel))
+    for c0 in range(0, c_out, step):
+        c1 = min(c_out, c0 + step)
+        phase_rows = torch.cat([torch.arange(c0, c1) + k * c_out for k in range(4)]).to(weight.device)
+        y = F.conv2d(x, kernels[phase_rows] if step < c_out else kernels,
+                     biases[phase_rows] if biases is not None and step < c_out else biases, padding=padding)
+        n = c1 - c0
+        for k, (pa, pb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[:, c0:c1, :, pa, :, pb] = y[:, k * n:(k + 1) * n, pa:pa + oh, pb:pb + ow]
+    return out.reshape(b, c_out, 2 * oh, 2 * ow) if not channels_last else \
+        out.permute(0, 2, 3, 4, 5, 1).reshape(b, 2 * oh, 2 * ow, c_out).permute(0, 3, 1, 2)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
+def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """The 2x2 kernels of the four output phases of a 3x3 conv after nearest 2x upsampling (float32 sums).
+
+    Along one axis, output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
+    (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: taps (w0, w1 + w2) on rows (i - 1, i) and
+    (w0 + w1, w2) on rows (i, i + 1). A 2x2 conv over ``x`` padded by one then puts phase a of row i at i + a.
+    """
+    w = weight.float()
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+    phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if pb == 0 else
+              torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1) for r in rows for pb in (0, 1)]
+    return torch.cat(phases).to(weight.dtype)
 
 
 class DownEncoderBlock2D(nn.Module):

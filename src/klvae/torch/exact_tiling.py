@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from klvae.tiling_graph import (ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip)
+from klvae.tiling_graph import (ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip,
+                                input_region)
 from klvae.tiling_plan import ExactPlan, GlobalStep, Pass
 from klvae.torch.attention import Attention, AttnProcessor, ChunkedAttnProcessor
-from klvae.torch.blocks import upsample_nearest_2x
+from klvae.torch.blocks import upsample_conv
 from klvae.torch.groupnorm_stats import GroupNormStats, apply_norm
 
 # The plain attention processor materialises (N, N) scores; above this many bytes of them, attend in chunks.
@@ -203,13 +204,17 @@ class _Executor:
         if node.op == NORM_ACT_CONV:
             return self.norm_act_conv(node, conv, x, have, region, src_size)
         if node.op == UP_CONV:
+            # The phase convolutions give whole input rows' output pairs: those of input rows lo (with a
+            # one-row border); an odd edge of ``region`` adds an output row that is computed from zeros and cropped.
             r0, r1, c0, c1 = region
-            wanted = (r0 - 1, r1 + 1, c0 - 1, c1 + 1)
-            got = clip(wanted, (2 * src_size[0], 2 * src_size[1]))
-            src = (got[0] // 2, (got[1] + 1) // 2, got[2] // 2, (got[3] + 1) // 2)
-            up = upsample_nearest_2x(_take(x, have, src))
-            up = crop(up, (2 * src[0], 2 * src[1], 2 * src[2], 2 * src[3]), got)
-            return _conv(conv, up, _pads(wanted, got))
+            lo = (r0 // 2, (r1 + 1) // 2, c0 // 2, (c1 + 1) // 2)
+            wanted = (lo[0] - 1, lo[1] + 1, lo[2] - 1, lo[3] + 1)
+            got = input_region(node, region, src_size)
+            src = _take(x, have, got)
+            if any(_pads(wanted, got)):
+                src = F.pad(src, _pads(wanted, got))
+            out = upsample_conv(src, conv.weight, conv.bias, padding=0)
+            return crop(out, (2 * lo[0], 2 * lo[1], 2 * lo[2], 2 * lo[3]), region)
         if node.op == DOWN_CONV:
             r0, r1, c0, c1 = region
             wanted = (2 * r0, 2 * r1 + 1, 2 * c0, 2 * c1 + 1)

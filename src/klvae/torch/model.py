@@ -16,7 +16,7 @@ from klvae.torch.attention import Attention, AttnProcessor, AttnProcessor2_0
 from klvae.torch.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
 from klvae.torch.loading import PretrainedMixin
 from klvae.torch.outputs import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
-from klvae.torch import tiling
+from klvae.torch import precision, tiling
 
 
 class _Checkpointed(nn.Module):
@@ -111,6 +111,9 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.tile_sample_min_size = sample
         self.tile_latent_min_size = int(sample / config.downsample_factor)
         self.tile_overlap_factor = 0.25
+        # The dtype encode/decode compute in; None: the weights' dtype, or float32 where the device only emulates
+        # that half precision (see klvae.torch.precision). float16 results that overflow are recomputed in float32.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def config(self) -> AutoencoderKLConfig:
@@ -140,6 +143,10 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        modules = [m for m in (self.encoder, self.quant_conv) if m is not None]
+        return precision.compute(modules, self._compute_dtype_for(x), self._encode_any_size, x, "encode")
+
+    def _encode_any_size(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self.tiling_mode != "blend":  # exact/auto decide themselves whether to split
             return tiling.tiled_encode(self, x, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
@@ -163,6 +170,10 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        modules = [m for m in (self.post_quant_conv, self.decoder) if m is not None]
+        return precision.compute(modules, self._compute_dtype_for(z), self._decode_any_size, z, "decode")
+
+    def _decode_any_size(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self.tiling_mode != "blend":
             return tiling.tiled_decode(self, z, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
@@ -193,6 +204,9 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         x = self._check_input(x, self.config.in_channels, self.config.downsample_factor, "images")
         posterior = DiagonalGaussianDistribution(tiling.blend_tiled_encode_moments(self, x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def _compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        return self.compute_dtype or precision.fast_compute_dtype(x.dtype, x.device)
 
     def _check_input(self, x: torch.Tensor, channels: int, multiple: int, what: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
