@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from klvae.config import NORM_EPS
+from klvae.torch.norm import group_norm
 
 
 class AttnProcessor2_0:
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         super().__init__()
         self.channels = channels
         self.scale = 1.0 / math.sqrt(channels)
-        self.group_norm = nn.GroupNorm(norm_num_groups, channels, eps=NORM_EPS, affine=True)
+        self.group_norm = group_norm(channels, norm_num_groups)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -135,5 +135,9 @@ class Attention(nn.Module):
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         x = self.processor(q, k, v, self.scale)
-        x = self.to_out[1](self.to_out[0](x))
-        return x.transpose(1, 2).reshape(b, c, h, w) + residual
+        x = self.to_out[1](self.to_out[0](x)).transpose(1, 2).reshape(b, c, h, w)
+        # That reshape is a channels-last view; left so, the sum would be channels-last too and every layer after
+        # it would run in that layout (on the CPU, with the channels-last GroupNorm kernel). Keep the input's.
+        layout = torch.channels_last if residual.is_contiguous(memory_format=torch.channels_last) \
+            and not residual.is_contiguous() else torch.contiguous_format
+        return x.contiguous(memory_format=layout) + residual

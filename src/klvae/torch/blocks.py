@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from klvae.config import NORM_EPS
 from klvae.torch.attention import Attention
+from klvae.torch.norm import group_norm
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU,
@@ -20,10 +20,6 @@ _INT32_LIMIT = 2**31 - 1
 
 def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
-
-
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
 
 
 class ResnetBlock2D(nn.Module):
@@ -109,13 +105,13 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """The 2x2 kernels of the four output phases of a 3x3 conv after nearest 2x upsampling (float32 sums).
+    """The 2x2 kernels of the four output phases of a 3x3 conv after nearest 2x upsampling.
 
     Along one axis, output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
     (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: taps (w0, w1 + w2) on rows (i - 1, i) and
     (w0 + w1, w2) on rows (i, i + 1). A 2x2 conv over ``x`` padded by one then puts phase a of row i at i + a.
     """
-    w = weight.float()
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))  # half precision: sums in float32
     rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
     phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if pb == 0 else
               torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1) for r in rows for pb in (0, 1)]

@@ -13,7 +13,8 @@ from torch import nn
 from klvae.config import AutoencoderKLConfig, resolve_config
 from klvae.errors import InputShapeError
 from klvae.torch.attention import Attention, AttnProcessor, AttnProcessor2_0
-from klvae.torch.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, group_norm
+from klvae.torch.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+from klvae.torch.norm import group_norm
 from klvae.torch.loading import PretrainedMixin
 from klvae.torch.outputs import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 from klvae.torch import precision, tiling
