@@ -160,7 +160,8 @@ def sweep(args) -> None:
             # diffusers float32 first: it is the reference of every other run.
             order = [("diffusers", "fp32")] + [(i, d) for d in args.dtypes.split(",") for i in impls
                                                 if (i, d) != ("diffusers", "fp32")
-                                                and (i != "diffusers+cl" or d in args.cl_dtypes.split(","))]
+                                                and (i != "diffusers+cl" or d in args.cl_dtypes.split(","))
+                                                and (not args.only or f"{i}:{d}" in args.only.split(","))]
             for impl, dtype in order:
                 record = dict(impl=impl, dtype=dtype, op=op, size=size, flops=flops)
                 smaller = [r for k, r in measured.items() if k[:3] == (impl, dtype, op) and _seconds(r)]
@@ -172,7 +173,8 @@ def sweep(args) -> None:
                     cmd = [sys.executable, __file__, "run", "--impl", impl, "--dtype", dtype, "--op", op,
                            "--size", str(size), "--repeats", str(args.repeats), "--max-seconds",
                            str(args.max_seconds), "--outputs", args.outputs]
-                    limit = args.max_seconds + _STARTUP_SECONDS
+                    # A call over --max-seconds is timed once; so only a first call of more than this stops here.
+                    limit = (args.repeats + 1) * args.max_seconds + _STARTUP_SECONDS
                     try:
                         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
                     except subprocess.TimeoutExpired:
@@ -255,6 +257,8 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--cl-dtypes", default="bf16,fp16", help="dtypes to run diffusers+cl in (in float32 on "
                        "the CPU channels_last measured no faster, and its GroupNorm loses precision)")
+        p.add_argument("--only", default="", help="impl:dtype,... to run (default: all; diffusers:fp32, the "
+                       "reference, always runs)")
         p.add_argument("--compile", action="store_true", help="also klvae under torch.compile (inductor)")
         p.add_argument("--max-seconds", type=float, default=300.0, help="per-run time budget (see above)")
         p.add_argument("--log", default="benchmarks/speed_results.jsonl")

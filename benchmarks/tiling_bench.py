@@ -128,7 +128,7 @@ def sweep(args) -> None:
             for impl, mode in runs:
                 limit = args.memory_limit if (impl == "klvae" and mode == "exact") else None
                 key = (impl, mode, op, size, args.tile or 512, limit)
-                if key in done:
+                if key in done and not args.again:
                     continue
                 cmd = [sys.executable, __file__, "run", "--impl", impl, "--mode", mode, "--op", op, "--size",
                        str(size), "--outputs", args.outputs]
@@ -239,6 +239,7 @@ def main() -> None:
     many.add_argument("--runs", default="", help="impl:mode,... (default: all five)")
     many.add_argument("--tile", type=int, default=0)
     many.add_argument("--memory-limit", type=float, default=None, help="exact mode's memory_limit, bytes")
+    many.add_argument("--again", action="store_true", help="run even what the log has (the table uses the latest)")
     many.add_argument("--timeout", type=float, default=6 * 3600)
     many.add_argument("--log", default="benchmarks/tiling_results.jsonl")
     many.add_argument("--outputs", default="/tmp/klvae_tiling_outputs")
