@@ -24,6 +24,15 @@ MODES = ("blend",)
 DEFAULT_MODE = "exact"
 
 
+def merge_moments(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):
+    """Count, mean and sum of squared deviations of two disjoint parts combined (Chan et al.'s parallel formula):
+    ``mean = mean_a + d * n_b / n``, ``M2 = M2_a + M2_b + d**2 * n_a * n_b / n`` with ``d = mean_b - mean_a``.
+    Arithmetic only, so numpy arrays and torch tensors both work (exact tiling's GroupNorm statistics use it)."""
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    return total, mean_a + delta * (count_b / total), m2_a + m2_b + delta * delta * (count_a * count_b / total)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlendPlan:
     tile: int          # tile side in input pixels (latents for decode, image pixels for encode)

@@ -22,6 +22,7 @@ import numpy as np
 from klvae.config import NORM_EPS
 from klvae.flax.attention import FlaxAttentionBlock
 from klvae.flax.layers import activation
+from klvae.tiling import merge_moments
 from klvae.tiling_graph import ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip
 from klvae.tiling_plan import ExactPlan, GlobalStep, Pass
 from klvae.weights.flax import flax_module_path
@@ -94,11 +95,7 @@ class GroupNormStats:
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
-        self.count = total
+        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n, mean, m2)
 
     def scale_shift(self, scale: np.ndarray, bias: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(scale, shift), each (B, 1, 1, C) float32, such that ``norm(x) == x * scale + shift``."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from klvae.tiling import merge_moments
+
 
 class GroupNormStats:
     """Per-(batch, group) count, mean and sum of squared deviations of a tensor seen one tile at a time.
 
-    Tiles are combined with Chan et al.'s parallel formula in float64: for parts a and b,
+    Tiles are combined with Chan et al.'s parallel formula in float64 (:func:`klvae.tiling.merge_moments`): for parts a and b,
     ``mean = mean_a + d * n_b / n`` and ``M2 = M2_a + M2_b + d**2 * n_a * n_b / n`` with ``d = mean_b - mean_a``.
     The last term, the spread of the tile means, is what averaging per-tile variances leaves out. Each tile's own
     mean and variance come from the GroupNorm kernel itself (``torch.native_group_norm``, the statistics untiled
@@ -34,11 +36,7 @@ class GroupNormStats:
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
-        self.count = total
+        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n, mean, m2)
 
     def variance(self) -> torch.Tensor:
         if self.mean is None:
