@@ -50,6 +50,20 @@ def perturb_(module, seed: int = 0, scale: float = 0.1) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
+def saved_model(tmp_path_factory, fields: dict, *, seed: int, scale: float = 0.1) -> str:
+    """A klvae model folder (seeded init plus :func:`perturb_` noise) written under a fresh temporary folder."""
+    import torch
+
+    import klvae
+
+    torch.manual_seed(0)
+    model = klvae.AutoencoderKL(**fields)
+    perturb_(model, seed=seed, scale=scale)
+    path = tmp_path_factory.mktemp("model") / "vae"
+    model.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config_name(request) -> str:
     return request.param

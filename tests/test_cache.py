@@ -28,14 +28,9 @@ BUCKET_ARGS = ["--resolution", "24", "--bucket-step", "8", "--max-aspect", "2"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import perturb_
+    from conftest import saved_model
 
-    torch.manual_seed(0)
-    model = klvae.AutoencoderKL(**FIELDS)
-    perturb_(model, seed=3, scale=0.05)
-    path = tmp_path_factory.mktemp("model") / "vae"
-    model.save_pretrained(path)
-    return str(path)
+    return saved_model(tmp_path_factory, FIELDS, seed=3, scale=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,9 @@ FIELDS = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import perturb_
+    from conftest import saved_model
 
-    torch.manual_seed(0)
-    model = klvae.AutoencoderKL(**FIELDS)
-    perturb_(model, seed=2, scale=0.05)
-    path = tmp_path_factory.mktemp("model") / "vae"
-    model.save_pretrained(path)
-    return str(path)
+    return saved_model(tmp_path_factory, FIELDS, seed=2, scale=0.05)
 
 
 def _smooth_image(path, h, w, seed):

@@ -22,24 +22,19 @@ PIL_Image = pytest.importorskip("PIL.Image")
 requests = pytest.importorskip("requests")
 remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
 
-from conftest import perturb_, rel_err  # noqa: E402
+from conftest import TINY_CONFIGS, rel_err, saved_model  # noqa: E402
 
 from klvae.serve import Engine, MicroBatcher, ServerThread, ServeSettings, create_app  # noqa: E402
 from klvae.serve.errors import Unavailable  # noqa: E402
 from klvae.torch.model import AutoencoderKL  # noqa: E402
 
-TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
+TINY = TINY_CONFIGS["two_blocks"]
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = AutoencoderKL(**TINY)
-    perturb_(model, seed=5)
-    path = tmp_path_factory.mktemp("serve_batching_model")
-    model.save_pretrained(path)
-    return path
+    return saved_model(tmp_path_factory, TINY, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,21 @@ PIL_Image = pytest.importorskip("PIL.Image")
 requests = pytest.importorskip("requests")
 remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
 
-from conftest import perturb_, rel_err  # noqa: E402
+from conftest import TINY_CONFIGS, rel_err, saved_model  # noqa: E402
 from diffusers.image_processor import VaeImageProcessor  # noqa: E402
 
 from klvae.serve import Engine, ServerThread, ServeSettings, create_app, images  # noqa: E402
 from klvae.torch.model import AutoencoderKL  # noqa: E402
 
 remote_decode, remote_encode = remote_utils.remote_decode, remote_utils.remote_encode
-TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
+TINY = TINY_CONFIGS["two_blocks"]
 TOKEN = "t0ken-for-tests"
 TIMEOUT = 30
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = AutoencoderKL(**TINY, scaling_factor=0.3, shift_factor=0.05)
-    perturb_(model, seed=3)
-    path = tmp_path_factory.mktemp("serve_model")
-    model.save_pretrained(path)
-    return path
+    return saved_model(tmp_path_factory, dict(TINY, scaling_factor=0.3, shift_factor=0.05), seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ import dataclasses
 
 import numpy as np
 
+from klvae.config import AutoencoderKLConfig
+from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
+
 # Every tiling mode. Each backend checks against the modes it runs: the PyTorch backend all of them
 # (klvae.torch.tiling.MODES); MODES lists those every backend runs.
 ALL_MODES = ("exact", "blend", "auto")
@@ -22,6 +25,57 @@ MODES = ("blend",)
 # The PyTorch backend's default: exact tiling gives the untiled result and measured faster than blend (docs/tiling.md).
 # The Flax backend keeps "blend", which runs under jit.
 DEFAULT_MODE = "exact"
+# Exact tiles are at most this many pixels wide: the plan keeps about one tile's worth of data beyond the
+# stored activations, and on CPU and GPU alike a 256-pixel tile is large enough to run convolutions at speed.
+EXACT_TILE_SIZE = 256
+# Without a memory_limit, exact plans stay within this fraction of the memory available when they are made.
+DEFAULT_MEMORY_FRACTION = 0.5
+# "auto" runs untiled when the estimate fits this fraction of the available memory (estimates are +-20%).
+AUTO_MEMORY_FRACTION = 0.8
+
+
+def host_available_memory() -> int | None:
+    """Bytes the host can allocate now: ``MemAvailable`` from /proc/meminfo, else psutil's figure, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def exact_plan_for(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
+                   tile_sample_min_size: int, memory_limit: float | None, available: int | None) -> ExactPlan:
+    """Each backend's exact plan: inputs no larger than ``tile_sample_min_size`` pixels get a one-tile plan
+    (they run untiled); larger ones tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels.
+    ``memory_limit`` defaults to ``DEFAULT_MEMORY_FRACTION`` of ``available`` (bytes free now, None: unknown)."""
+    f = config.downsample_factor
+    tile = tile_sample_min_size
+    if max(latent_hw) > tile // f:
+        tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
+    if memory_limit is None and available is not None:
+        # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
+        memory_limit = (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
+    return plan_exact(config, kind, tuple(latent_hw), batch, itemsize, tile // f,
+                      None if memory_limit is None else float(memory_limit))
+
+
+def fits_untiled(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
+                 memory_limit: float | None, available: int | None) -> bool:
+    """Whether "auto" runs untiled: the estimated untiled peak within ``memory_limit`` (default:
+    ``AUTO_MEMORY_FRACTION`` of ``available``; unknown memory counts as fitting)."""
+    if memory_limit is None:
+        if available is None:
+            return True
+        memory_limit = AUTO_MEMORY_FRACTION * available
+    peak, _ = untiled_estimate(config, kind, tuple(latent_hw), batch, itemsize)
+    return peak <= memory_limit
 
 
 def merge_moments(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):

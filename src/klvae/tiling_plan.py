@@ -420,6 +420,18 @@ def choose_stored(graph: Graph, tile_latents: int, latent_hw: tuple[int, int], b
     return stored, steps, max(peaks), flops
 
 
+def run_steps(plan: "ExactPlan", stores: dict, run_global, run_pass) -> None:
+    """Carry out ``plan.steps`` with a backend's ``run_global(step)`` and ``run_pass(k, step)``, dropping each
+    stored node from ``stores`` after the last step that reads it."""
+    for k, step in enumerate(plan.steps):
+        if isinstance(step, GlobalStep):
+            run_global(step)
+        else:
+            run_pass(k, step)
+        for name in [n for n, last in plan.last_read.items() if last == k and n in stores]:
+            del stores[name]
+
+
 def graph_for(config: AutoencoderKLConfig, kind: str) -> Graph:
     return _graph(config, kind)
 
@@ -490,4 +502,4 @@ def untiled_estimate(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[in
 
 
 __all__ = ["ExactPlan", "GlobalStep", "Pass", "TileGrid", "estimate", "estimate_untiled", "graph_for",
-           "make_grid", "plan_exact", "schedule", "untiled_estimate", "ADD", "CONV"]
+           "make_grid", "plan_exact", "run_steps", "schedule", "untiled_estimate", "ADD", "CONV"]

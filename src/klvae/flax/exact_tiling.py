@@ -24,7 +24,7 @@ from klvae.flax.attention import FlaxAttentionBlock
 from klvae.flax.layers import activation
 from klvae.tiling import merge_moments
 from klvae.tiling_graph import ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip
-from klvae.tiling_plan import ExactPlan, GlobalStep, Pass
+from klvae.tiling_plan import ExactPlan, GlobalStep, Pass, run_steps
 from klvae.weights.flax import flax_module_path
 
 # Above this many bytes of (N, N) attention scores the global attention step attends in query chunks.
@@ -204,13 +204,7 @@ class _Executor:
     def run(self, x: jax.Array) -> jax.Array:
         plan, graph = self.plan, self.graph
         self.stores[graph.input] = Store(whole=x)
-        for k, step in enumerate(plan.steps):
-            if isinstance(step, GlobalStep):
-                self.run_global(step)
-            else:
-                self.run_pass(k, step)
-            for name in [n for n, last in plan.last_read.items() if last == k and n in self.stores]:
-                del self.stores[name]
+        run_steps(plan, self.stores, self.run_global, self.run_pass)
         return self.stores[graph.output].assemble(plan.size(graph.output))
 
     def run_global(self, step: GlobalStep) -> None:

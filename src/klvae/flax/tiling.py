@@ -22,14 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from klvae import tiling as shared
 from klvae.tiling import ALL_MODES, BlendPlan, blend_ramp
-from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
+from klvae.tiling_plan import ExactPlan
 
 MODES = ALL_MODES  # this backend runs every mode
-# The PyTorch backend's choices (klvae.torch.tiling), repeated here so this module needs no torch:
-EXACT_TILE_SIZE = 256            # exact tiles are at most this many pixels wide
-DEFAULT_MEMORY_FRACTION = 0.5    # without a memory_limit, exact plans stay within this share of free memory
-AUTO_MEMORY_FRACTION = 0.8       # "auto" runs untiled when the estimate fits this share
 
 __all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "tiled_decode", "tiled_encode"]
 
@@ -129,36 +126,18 @@ def _configured(model: Any, mode: str, tile: int | None, overlap: float | None, 
 # ---------------------------------------------------------------------------------------------- exact / auto
 def exact_plan(model: Any, x: jax.Array, kind: str, tile_sample_min_size: int,
                memory_limit: float | None = None) -> ExactPlan:
-    """The exact plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``, NHWC.
-
-    As the PyTorch backend's: inputs no larger than ``tile_sample_min_size`` get a one-tile plan; larger ones
-    tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels; ``memory_limit`` defaults to
-    ``DEFAULT_MEMORY_FRACTION`` of :func:`available_memory`.
-    """
-    f = model.config.downsample_factor
-    latent_hw = _latent_hw(model, x, kind)
-    tile = tile_sample_min_size
-    if max(latent_hw) > tile // f:
-        tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
-    if memory_limit is None:
-        available = available_memory(_device(x))
-        # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
-        memory_limit = None if available is None else (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
-    return plan_exact(model.config, kind, latent_hw, x.shape[0], jnp.dtype(model.dtype).itemsize, tile // f,
-                      None if memory_limit is None else float(memory_limit))
+    """The exact plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``, NHWC (see
+    :func:`klvae.tiling.exact_plan_for`; ``memory_limit`` defaults to a share of :func:`available_memory`)."""
+    return shared.exact_plan_for(model.config, kind, _latent_hw(model, x, kind), x.shape[0],
+                                 jnp.dtype(model.dtype).itemsize, tile_sample_min_size, memory_limit,
+                                 None if memory_limit is not None else available_memory(_device(x)))
 
 
 def fits_untiled(model: Any, x: jax.Array, kind: str, memory_limit: float | None) -> bool:
-    """Whether "auto" runs ``x`` untiled: the estimated peak within ``memory_limit`` (default:
-    ``AUTO_MEMORY_FRACTION`` of the available memory; unknown memory counts as fitting)."""
-    if memory_limit is None:
-        available = available_memory(_device(x))
-        if available is None:
-            return True
-        memory_limit = AUTO_MEMORY_FRACTION * available
-    peak, _ = untiled_estimate(model.config, kind, _latent_hw(model, x, kind), x.shape[0],
-                               jnp.dtype(model.dtype).itemsize)
-    return peak <= memory_limit
+    """Whether "auto" runs ``x`` untiled (:func:`klvae.tiling.fits_untiled`)."""
+    return shared.fits_untiled(model.config, kind, _latent_hw(model, x, kind), x.shape[0],
+                               jnp.dtype(model.dtype).itemsize, memory_limit,
+                               None if memory_limit is not None else available_memory(_device(x)))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -177,14 +156,7 @@ def available_memory(device: Any) -> int | None:
         if stats and "bytes_limit" in stats:
             return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return shared.host_available_memory()
 
 
 def _latent_hw(model: Any, x: jax.Array, kind: str) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from klvae.tiling_graph import (ADD, CONV, DOWN_CONV, INPUT, NORM_ACT_CONV, UP_CONV, Node, Region, clip,
                                 input_region)
-from klvae.tiling_plan import ExactPlan, GlobalStep, Pass
+from klvae.tiling_plan import ExactPlan, GlobalStep, Pass, run_steps
 from klvae.torch.attention import Attention, AttnProcessor, ChunkedAttnProcessor
 from klvae.torch.blocks import upsample_conv
 from klvae.torch.groupnorm_stats import GroupNormStats, apply_norm
@@ -278,13 +278,7 @@ class _Executor:
         plan, graph = self.plan, self.graph
         self.dtype, self.device = x.dtype, x.device
         self.stores[graph.input] = FullStore(x)
-        for k, step in enumerate(plan.steps):
-            if isinstance(step, GlobalStep):
-                self.run_global(step)
-            else:
-                self.run_pass(k, step)
-            for name in [n for n, last in plan.last_read.items() if last == k and n in self.stores]:
-                del self.stores[name]
+        run_steps(plan, self.stores, self.run_global, self.run_pass)
         return self.stores[graph.output].tensor
 
     def new_store(self, name: str, grid) -> FullStore | ChunkStore:

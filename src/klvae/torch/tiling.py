@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from klvae.tiling import ALL_MODES, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan
-from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
+from klvae.tiling import (ALL_MODES, AUTO_MEMORY_FRACTION, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan,
+                          encode_plan, exact_plan_for, fits_untiled, host_available_memory)
+from klvae.tiling_plan import ExactPlan
 from klvae.torch.exact_tiling import run_exact
 
 MODES = ALL_MODES  # this backend runs every mode
@@ -63,34 +64,13 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
 
 
 # ---------------------------------------------------------------------------------------------- exact
-# Exact tiles are at most this many pixels wide: the plan keeps about one tile's worth of data beyond the
-# stored activations, and on CPU and GPU alike a 256-pixel tile is large enough to run convolutions at speed.
-EXACT_TILE_SIZE = 256
-# Without a memory_limit, the plan stays within this fraction of the memory available when it is made.
-DEFAULT_MEMORY_FRACTION = 0.5
-# "auto" runs untiled when the estimate fits this fraction of the available memory (estimates are +-20%).
-AUTO_MEMORY_FRACTION = 0.8
-
-
 def exact_plan(model, x: torch.Tensor, kind: str, tile_sample_min_size: int | None = None,
                memory_limit: float | None = None) -> ExactPlan:
-    """The exact tiling plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``.
-
-    Inputs no larger than ``tile_sample_min_size`` pixels get a one-tile plan (run untiled); larger ones tiles of
-    ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels. ``memory_limit`` defaults to
-    ``DEFAULT_MEMORY_FRACTION`` of :func:`available_memory`.
-    """
+    """The exact tiling plan for decoding latents ``x`` (``kind="decode"``) or encoding images ``x``
+    (see :func:`klvae.tiling.exact_plan_for`; ``memory_limit`` defaults to a share of :func:`available_memory`)."""
     tile, _ = _sizes(model, tile_sample_min_size, None)
-    f = model.config.downsample_factor
-    latent_hw = _latent_hw(model, x, kind)
-    if max(latent_hw) > tile // f:
-        tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
-    if memory_limit is None:
-        available = available_memory(x.device)
-        # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
-        memory_limit = None if available is None else (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
-    return plan_exact(model.config, kind, latent_hw, x.shape[0], x.element_size(), tile // f,
-                      None if memory_limit is None else float(memory_limit))
+    return exact_plan_for(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), tile,
+                          memory_limit, None if memory_limit is not None else available_memory(x.device))
 
 
 def _latent_hw(model, x: torch.Tensor, kind: str) -> tuple[int, int]:
@@ -119,23 +99,12 @@ def _exact(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | N
 # ---------------------------------------------------------------------------------------------- auto
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation can take now: free device memory (plus the caching allocator's free blocks) on
-    CUDA, ``MemAvailable`` on Linux hosts; None where unknown."""
+    CUDA, the host's available memory on the CPU; None where unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            import psutil
-        except ImportError:
-            return None
-        return int(psutil.virtual_memory().available)
+        return host_available_memory()
     return None
 
 
@@ -151,13 +120,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 def _auto(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
     """Untiled if the estimate fits the limit, else exact tiling; an out-of-memory error also falls back to
     exact tiling (after leaving the ``except`` block, so the failed attempt's tensors are freed first)."""
-    limit = memory_limit
-    if limit is None:
-        available = available_memory(x.device)
-        limit = None if available is None else AUTO_MEMORY_FRACTION * available
-    needed, _ = untiled_estimate(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size())
-    if limit is not None and needed > limit:
-        return _exact(model, x, kind, tile, limit)
+    available = None if memory_limit is not None else available_memory(x.device)
+    if not fits_untiled(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), memory_limit,
+                        available):
+        return _exact(model, x, kind, tile, AUTO_MEMORY_FRACTION * available if memory_limit is None else memory_limit)
     try:
         return _untiled(model, x, kind)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
