@@ -37,7 +37,11 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.nonlinearity(self.norm1(x)))
-        h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
+        # One step per statement: rebinding ``h`` frees each intermediate before the next one is allocated
+        # (a nested call would keep conv1's output alive until conv2 returns: one more full-size tensor at peak).
+        h = self.norm2(h)
+        h = self.nonlinearity(h)
+        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             # In training, a contiguous input keeps DDP's gradient strides consistent (diffusers does the same).
             x = self.conv_shortcut(x.contiguous() if self.training else x)
