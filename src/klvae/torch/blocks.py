@@ -45,7 +45,7 @@ class ResnetBlock2D(nn.Module):
         if self.conv_shortcut is not None:
             # In training, a contiguous input keeps DDP's gradient strides consistent (diffusers does the same).
             x = self.conv_shortcut(x.contiguous() if self.training else x)
-        return x + h
+        return h.add_(x)  # in place: conv2's output is not saved for backward, and no new full-size tensor
 
 
 class Downsample2D(nn.Module):
