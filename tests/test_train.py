@@ -88,6 +88,40 @@ def test_image_folder_nested_formats_bad_files_and_determinism(tmp_path):
         ImageFolder(str(empty), 16, batch_size=1)
 
 
+def test_grey_weight_and_color_jitter(tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.linspace(20, 230, 32, dtype=np.uint8)[None, :, None], (32, 1, 3))
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[..., 0] = 200  # pure red
+    for name, img in (("grey_a.png", grey), ("grey_b.png", grey), ("grey_c.png", grey), ("red.png", colour)):
+        Image.fromarray(img).save(tmp_path / name)
+
+    def grey_share(ds, steps=150):
+        crops = np.concatenate([ds.batch(s) for s in range(steps)])
+        return float(np.mean([np.array_equal(c[0], c[1]) and np.array_equal(c[0], c[2]) for c in crops]))
+
+    assert abs(grey_share(ImageFolder(str(tmp_path), 16, batch_size=4)) - 0.75) < 0.06      # uniform: 3 of 4
+    down = ImageFolder(str(tmp_path), 16, batch_size=4, grey_weight=1 / 3)                 # 3 x 1/3 against 1
+    assert abs(grey_share(down) - 0.5) < 0.06
+    assert grey_share(ImageFolder(str(tmp_path), 16, batch_size=4, grey_weight=0)) == 0
+    (tmp_path / "only_grey").mkdir()
+    Image.fromarray(grey).save(tmp_path / "only_grey" / "g.png")
+    with pytest.raises(DatasetError, match="grey_weight is 0"):
+        ImageFolder(str(tmp_path / "only_grey"), 16, batch_size=1, grey_weight=0)
+
+    jittered = ImageFolder(str(tmp_path), 16, batch_size=4, color_jitter=0.5, grey_weight=1e6)  # grey crops only
+    crops = np.concatenate([jittered.batch(s) for s in range(20)])                            # (N, 3, H, W) in [-1, 1]
+    assert crops.min() >= -1 and crops.max() <= 1 and np.array_equal(crops, np.concatenate(
+        [jittered.batch(s) for s in range(20)]))
+    # Each channel is gain * grey + offset with gain in [0.5, 1]: tinted (channels differ), ramp kept (monotone).
+    assert all(not np.array_equal(c[0], c[1]) for c in crops)
+    # Any 16-pixel window of the linear ramp spans the same range, so each channel's range is gain * that range.
+    plain = ImageFolder(str(tmp_path / "only_grey"), 16, batch_size=1).batch(0)[0, 0]
+    ratio = np.ptp(crops, axis=(2, 3)) / np.ptp(plain)
+    assert ratio.min() >= 0.5 - 0.02 and ratio.max() <= 1 + 0.02
+
+
 # ---------------------------------------------------------------------- training
 def test_loss_goes_down(tmp_path):
     from klvae.torch.train.trainer import Trainer

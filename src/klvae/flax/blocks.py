@@ -85,54 +85,51 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-class FlaxDownEncoderBlock2D(nn.Module):
+class _FlaxResnetStack(nn.Module):
+    """``num_layers`` resnets (the first changes the channels), then the subclass's resampler, if any."""
+
     in_channels: int
     out_channels: int
     num_layers: int
     groups: int
     act_fn: str = "silu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    def numerics(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+
+    def make_resnets(self) -> list[FlaxResnetBlock2D]:
+        return [FlaxResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels, self.groups,
+                                  self.act_fn, **self.numerics()) for i in range(self.num_layers)]
+
+    def run(self, x: jax.Array, resamplers: list | None, deterministic: bool) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x, deterministic)
+        return resamplers[0](x) if resamplers is not None else x
+
+
+class FlaxDownEncoderBlock2D(_FlaxResnetStack):
     add_downsample: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
 
     def setup(self) -> None:
-        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        self.resnets = [FlaxResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
-                                          self.groups, self.act_fn, **numerics) for i in range(self.num_layers)]
-        self.downsamplers = [FlaxDownsample2D(self.out_channels, **numerics)] if self.add_downsample else None
+        self.resnets = self.make_resnets()
+        self.downsamplers = [FlaxDownsample2D(self.out_channels, **self.numerics())] if self.add_downsample else None
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x, deterministic)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        return self.run(x, self.downsamplers, deterministic)
 
 
-class FlaxUpDecoderBlock2D(nn.Module):
-    in_channels: int
-    out_channels: int
-    num_layers: int
-    groups: int
-    act_fn: str = "silu"
+class FlaxUpDecoderBlock2D(_FlaxResnetStack):
     add_upsample: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
 
     def setup(self) -> None:
-        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        self.resnets = [FlaxResnetBlock2D(self.in_channels if i == 0 else self.out_channels, self.out_channels,
-                                          self.groups, self.act_fn, **numerics) for i in range(self.num_layers)]
-        self.upsamplers = [FlaxUpsample2D(self.out_channels, **numerics)] if self.add_upsample else None
+        self.resnets = self.make_resnets()
+        self.upsamplers = [FlaxUpsample2D(self.out_channels, **self.numerics())] if self.add_upsample else None
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x, deterministic)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        return self.run(x, self.upsamplers, deterministic)
 
 
 class FlaxUNetMidBlock2D(nn.Module):

@@ -15,6 +15,7 @@ silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ class DataSection:
     random_flip: bool = True
     min_scale: float = 1.0             # random down-scaling of the image before cropping, in [min_scale, 1]
     channel_shuffle: bool = False      # randomly permute RGB (colour augmentation for tiny datasets)
+    color_jitter: float = 0.0          # per-channel gain in [1 - j, 1] plus an offset: recolours (and tints grey) crops
+    grey_weight: float = 1.0           # how often a grey image is drawn, relative to a colour one
     val_size: int = 256                # validation images are centre-cropped to this size (a multiple of 8)
     max_val_images: int = 16
     cache_images: bool = True          # keep decoded training images in memory
@@ -205,6 +208,10 @@ def _validate(c: TrainConfig) -> None:
         positive("data", name, getattr(c.data, name))
     if not 0 < c.data.min_scale <= 1:
         raise ConfigError(f"[data] min_scale must be in (0, 1], got {c.data.min_scale}")
+    if not 0 <= c.data.color_jitter < 1:
+        raise ConfigError(f"[data] color_jitter must be in [0, 1), got {c.data.color_jitter}")
+    if not (c.data.grey_weight >= 0 and math.isfinite(c.data.grey_weight)):
+        raise ConfigError(f"[data] grey_weight must be a finite number >= 0, got {c.data.grey_weight}")
     positive("optim", "lr", c.optim.lr)
     positive("optim", "max_steps", c.optim.max_steps)
     positive("optim", "grad_accum", c.optim.grad_accum)

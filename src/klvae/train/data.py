@@ -75,12 +75,17 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 class ImageFolder:
     """Random crops of the images under a folder: ``batch(step, rank)`` -> (B, 3, crop, crop) float32 in [-1, 1].
 
-    Each crop picks an image uniformly, scales it by a random factor in ``[min_scale, 1]`` (never below the
-    crop size), takes a random ``crop_size`` square and flips it left-right with probability 1/2.
+    Each crop picks an image (uniformly, or grey images with ``grey_weight`` times a colour image's chance), scales
+    it by a random factor in ``[min_scale, 1]`` (never below the crop size), takes a random ``crop_size`` square,
+    flips it left-right with probability 1/2, optionally permutes its channels, and with ``color_jitter = j`` maps
+    each channel to ``gain * x + offset`` (gain in ``[1 - j, 1]``, offset in ``[0, 1 - gain]`` of the range), which
+    recolours colour crops and tints grey ones: on a small dataset of mostly grey images this is what teaches the
+    model to carry colour at all.
     """
 
     def __init__(self, root: str, crop_size: int, *, batch_size: int, seed: int = 0, random_flip: bool = True,
-                 min_scale: float = 1.0, channel_shuffle: bool = False, cache: bool = True):
+                 min_scale: float = 1.0, channel_shuffle: bool = False, color_jitter: float = 0.0,
+                 grey_weight: float = 1.0, cache: bool = True):
         paths = list_images(root)
         if not paths:
             raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
@@ -89,8 +94,9 @@ class ImageFolder:
             raise DatasetError(f"{root}: none of the {len(paths)} image files could be read")
         self.crop_size, self.batch_size, self.seed = crop_size, batch_size, seed
         self.random_flip, self.min_scale, self.cache = random_flip, min_scale, cache
-        self.channel_shuffle = channel_shuffle
+        self.channel_shuffle, self.color_jitter = channel_shuffle, color_jitter
         self._images: dict[int, np.ndarray] = {}
+        self._probabilities = None if grey_weight == 1 else self._sampling_probabilities(grey_weight)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,6 +109,16 @@ class ImageFolder:
             self._images[index] = image
         return image
 
+    def _sampling_probabilities(self, grey_weight: float) -> np.ndarray:
+        """Per-image draw probabilities with grey images (all channels equal) weighted by ``grey_weight``
+        (reads every image once)."""
+        grey = np.array([_is_grey(self.image(i)) for i in range(len(self.paths))])
+        weights = np.where(grey, grey_weight, 1.0)
+        if weights.sum() == 0:
+            raise DatasetError(f"every image under the dataset folder is grey and grey_weight is 0: nothing to draw "
+                               f"({len(self.paths)} images)")
+        return weights / weights.sum()
+
     def batch(self, step: int, rank: int = 0) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, rank])
         crops = [self._crop(rng) for _ in range(self.batch_size)]
@@ -111,7 +127,10 @@ class ImageFolder:
     def _crop(self, rng: np.random.Generator) -> np.ndarray:
         from PIL import Image
 
-        index = int(rng.integers(len(self.paths)))
+        if self._probabilities is None:
+            index = int(rng.integers(len(self.paths)))
+        else:
+            index = int(rng.choice(len(self.paths), p=self._probabilities))
         image = self.image(index)
         h, w = image.shape[:2]
         c = self.crop_size
@@ -128,7 +147,15 @@ class ImageFolder:
             crop = crop[:, ::-1]
         if self.channel_shuffle:
             crop = crop[:, :, rng.permutation(3)]
+        if self.color_jitter:
+            gain = rng.uniform(1 - self.color_jitter, 1, 3)
+            offset = rng.uniform(0, 1, 3) * (1 - gain) * 255
+            crop = np.round(crop * gain + offset).astype(np.uint8)
         return np.ascontiguousarray(crop)
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
 
 
 def center_crop(image: np.ndarray, size: int | None, multiple: int = 8) -> np.ndarray:

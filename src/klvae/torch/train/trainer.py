@@ -134,7 +134,8 @@ class Trainer:
 
         self.data = ImageFolder(c.data.train_dir, c.data.crop_size, batch_size=c.data.batch_size, seed=c.train.seed,
                                 random_flip=c.data.random_flip, min_scale=c.data.min_scale,
-                                channel_shuffle=c.data.channel_shuffle,
+                                channel_shuffle=c.data.channel_shuffle, color_jitter=c.data.color_jitter,
+                                grey_weight=c.data.grey_weight,
                                 cache=c.data.cache_images)
         self.val_images: list[np.ndarray] = []
         if c.data.val_dir and self.is_main:
