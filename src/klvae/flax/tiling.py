@@ -98,7 +98,8 @@ def tiled_decode(model: Any, params: Any, latents: jax.Array, *, mode: str = "bl
     ``"blend"`` always tiles; ``"exact"`` and ``"auto"`` run untiled when the input fits one tile (or, for auto,
     memory), as the PyTorch backend's do. ``memory_limit``: activation bytes an exact plan stays within.
     """
-    tiled = _configured(model, mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size,
+                              tile_overlap_factor=tile_overlap_factor, memory_limit=memory_limit)
     method = type(model).tiled_decode if mode == "blend" else type(model).decode
     return tiled.apply({"params": params}, latents, method=method).sample
 
@@ -107,20 +108,10 @@ def tiled_encode(model: Any, params: Any, sample: jax.Array, *, mode: str = "ble
                  tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
                  memory_limit: float | None = None) -> Any:
     """Encode (B, C, H, W) images in tiles to the posterior; options as :func:`tiled_decode`'s."""
-    tiled = _configured(model, mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size,
+                              tile_overlap_factor=tile_overlap_factor, memory_limit=memory_limit)
     method = type(model).tiled_encode if mode == "blend" else type(model).encode
     return tiled.apply({"params": params}, sample, method=method).latent_dist
-
-
-def _configured(model: Any, mode: str, tile: int | None, overlap: float | None, memory_limit: float | None) -> Any:
-    changes: dict[str, Any] = dict(use_tiling=True, tiling_mode=mode)
-    if tile is not None:
-        changes["tile_sample_min_size"] = tile
-    if overlap is not None:
-        changes["tile_overlap_factor"] = overlap
-    if memory_limit is not None:
-        changes["tiling_memory_limit"] = memory_limit
-    return model.clone(**changes)
 
 
 # ---------------------------------------------------------------------------------------------- exact / auto
