@@ -122,6 +122,31 @@ def test_grey_weight_and_color_jitter(tmp_path):
     assert ratio.min() >= 0.5 - 0.02 and ratio.max() <= 1 + 0.02
 
 
+def test_posterior_logvar_init_both_backends(tmp_path):
+    from klvae.torch.train.trainer import build_model
+
+    base = build_model(_config(tmp_path))
+    low = build_model(_config(tmp_path, model={"posterior_logvar_init": -6.0}))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        logvar_base = base.encode(x).latent_dist.logvar
+        logvar_low = low.encode(x).latent_dist.logvar
+    # Same seed, so only the bias moved: the log-variance shifts by exactly (-6 - old bias) per channel.
+    shift = (-6.0 - base.quant_conv.bias[4:]).view(1, -1, 1, 1)
+    assert torch.allclose(logvar_low, logvar_base + shift, atol=1e-5)
+    assert torch.equal(low.quant_conv.bias[:4], base.quant_conv.bias[:4])
+
+    jax = pytest.importorskip("jax")
+    from klvae.flax.train.trainer import init_params
+    from klvae.weights.flax import flax_to_canonical
+
+    params = init_params(low.config, 0, -6.0)
+    theirs = flax_to_canonical(jax.device_get(params), low.config)
+    np.testing.assert_array_equal(np.asarray(theirs["quant_conv.bias"]), low.quant_conv.bias.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(theirs["encoder.conv_in.weight"]),
+                                  low.encoder.conv_in.weight.detach().numpy())
+
+
 # ---------------------------------------------------------------------- training
 def test_loss_goes_down(tmp_path):
     from klvae.torch.train.trainer import Trainer

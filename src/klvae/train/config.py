@@ -38,6 +38,16 @@ class ModelSection:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)   # AutoencoderKLConfig field overrides
     train_decoder_only: bool = False   # freeze encoder + quant_conv (decoder fine-tuning, as sd-vae-ft-mse)
     gradient_checkpointing: bool = False
+    # Fresh models only: start the posterior's log-variance at this value (bias of its output channels) instead
+    # of about 0. At 0 the sampling noise (std 1) swamps a new latent channel, and with a small KL weight the
+    # encoder may never use it (a "dead" channel: posterior = prior); -6 starts the noise at std 0.05.
+    posterior_logvar_init: float | None = None
+
+
+def posterior_logvar_bias(config) -> tuple[str, slice]:
+    """The canonical key of the bias that offsets the posterior's log-variance, and its log-variance channels."""
+    key = "quant_conv.bias" if config.use_quant_conv else "encoder.conv_out.bias"
+    return key, slice(config.latent_channels, 2 * config.latent_channels)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

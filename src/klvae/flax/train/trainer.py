@@ -31,7 +31,7 @@ from klvae.flax.train.losses import (adaptive_weight_from_grads, discriminator_l
                                      nll_loss, reconstruction_loss)
 from klvae.flax.train.lpips import lpips, lpips_params
 from klvae.train import metrics as np_metrics
-from klvae.train.config import TrainConfig, dump_train_config
+from klvae.train.config import TrainConfig, dump_train_config, posterior_logvar_bias
 from klvae.train.data import ImageFolder, load_eval_images, to_model_input
 from klvae.train.objective import LossWeights, adopt_weight
 
@@ -68,7 +68,7 @@ class Trainer:
             self.model, params = FlaxAutoencoderKL.from_pretrained(c.model.pretrained)
         else:
             self.model = FlaxAutoencoderKL.from_config(resolve_config(c.model.preset, **c.model.config))
-            params = init_params(self.model.config, c.train.seed)
+            params = init_params(self.model.config, c.train.seed, c.model.posterior_logvar_init)
         self.lpips = (lpips_params(c.loss.lpips_weights, allow_random=c.loss.allow_random_lpips)
                       if c.loss.perceptual_weight > 0 else None)
         trainable = {"vae": params, "logvar": jnp.asarray(c.loss.logvar_init, jnp.float32)}
@@ -278,19 +278,27 @@ class Trainer:
         self.step = int(data["step"])
 
 
-def init_params(config, seed: int) -> dict[str, Any]:
+def init_params(config, seed: int, posterior_logvar_init: float | None = None) -> dict[str, Any]:
     """Fresh parameters with PyTorch's default initialisation (as diffusers' models start), converted to the Flax
-    tree; with torch absent, Flax's own initialisers. (Converting is also far quicker than compiling Flax's init.)"""
+    tree; with torch absent, Flax's own initialisers. (Converting is also far quicker than compiling Flax's init.)
+    ``posterior_logvar_init``: as the config's ``[model]`` field of that name."""
+    from klvae.weights.flax import canonical_to_flax, flax_to_canonical
+
     try:
         import torch
     except ImportError:
         model = FlaxAutoencoderKL.from_config(config)
-        return jax.jit(model.init_weights)(jax.random.PRNGKey(seed))
-    from klvae.torch.model import AutoencoderKL
-    from klvae.weights.flax import canonical_to_flax
+        state = {k: np.array(v) for k, v in flax_to_canonical(jax.jit(model.init_weights)(jax.random.PRNGKey(seed)),
+                                                             config).items()}
+    else:
+        from klvae.torch.model import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return jax.tree_util.tree_map(jnp.asarray, canonical_to_flax(AutoencoderKL(config=config).state_dict(), config))
+        torch.manual_seed(seed)
+        state = {k: v.numpy() for k, v in AutoencoderKL(config=config).state_dict().items()}
+    if posterior_logvar_init is not None:
+        key, channels = posterior_logvar_bias(config)
+        state[key][channels] = posterior_logvar_init
+    return jax.tree_util.tree_map(jnp.asarray, canonical_to_flax(state, config))
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

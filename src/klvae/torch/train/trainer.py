@@ -25,7 +25,7 @@ from torch import nn
 
 from klvae.config import resolve_config
 from klvae.fileio import atomic_write_bytes
-from klvae.train.config import TrainConfig, dump_train_config
+from klvae.train.config import TrainConfig, dump_train_config, posterior_logvar_bias
 from klvae.train.data import ImageFolder, load_eval_images, to_model_input, to_uint8
 from klvae.torch.model import AutoencoderKL
 from klvae.torch.outputs import DiagonalGaussianDistribution
@@ -50,6 +50,10 @@ def build_model(config: TrainConfig) -> AutoencoderKL:
     else:
         torch.manual_seed(config.train.seed)
         model = AutoencoderKL(config=resolve_config(m.preset, **m.config))
+        if m.posterior_logvar_init is not None:
+            key, channels = posterior_logvar_bias(model.config)
+            with torch.no_grad():
+                model.get_parameter(key)[channels] = m.posterior_logvar_init
     return model.train()
 
 
