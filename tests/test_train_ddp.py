@@ -16,24 +16,24 @@ SCRIPT = textwrap.dedent("""
     from klvae.train.config import load_train_config
     from klvae.torch.train.trainer import Trainer
 
-    t = Trainer(load_train_config(sys.argv[1]))
-    logs = t.fit()
-    flat = torch.cat([p.detach().flatten() for p in t.model.parameters()])
-    disc = torch.cat([p.detach().flatten() for p in t.loss.discriminator.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
-    dgathered = [torch.zeros_like(disc) for _ in range(2)]
-    dist.all_gather(dgathered, disc)
-    batch = torch.from_numpy(t.data.batch(0, t.rank))
-    batches = [torch.zeros_like(batch) for _ in range(2)]
-    dist.all_gather(batches, batch)
+    with Trainer(load_train_config(sys.argv[1])) as t:  # close() destroys the process group it created
+        logs = t.fit()
+        flat = torch.cat([p.detach().flatten() for p in t.model.parameters()])
+        disc = torch.cat([p.detach().flatten() for p in t.loss.discriminator.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(2)]
+        dist.all_gather(gathered, flat)
+        dgathered = [torch.zeros_like(disc) for _ in range(2)]
+        dist.all_gather(dgathered, disc)
+        batch = torch.from_numpy(t.data.batch(0, t.rank))
+        batches = [torch.zeros_like(batch) for _ in range(2)]
+        dist.all_gather(batches, batch)
+    assert not dist.is_initialized()
     if t.rank == 0:
         with open(sys.argv[2], "w") as f:
             json.dump({"world": t.world_size, "step": t.step, "d_loss": logs.get("d_loss"),
                        "params_equal": bool(torch.equal(gathered[0], gathered[1])),
                        "disc_equal": bool(torch.equal(dgathered[0], dgathered[1])),
                        "batches_differ": not torch.equal(batches[0], batches[1])}, f)
-    dist.destroy_process_group()
 """)
 
 

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from klvae.torch.train.trainer import Trainer
 
-    trainer = Trainer(config, resume=not args.no_resume)
-    trainer.fit(args.max_steps)
-    if args.export and trainer.is_main:
-        trainer.eval_model().save_pretrained(args.export)
-        print(f"exported the model to {args.export}")
+    with Trainer(config, resume=not args.no_resume) as trainer:
+        trainer.fit(args.max_steps)
+        if args.export and trainer.is_main:
+            trainer.eval_model().save_pretrained(args.export)
+            print(f"exported the model to {args.export}")
     return 0

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(config.data.train_dir, config.data.val_dir)
     from klvae.torch.train.trainer import Trainer
 
-    Trainer(config).fit(args.max_steps)
+    with Trainer(config) as trainer:
+        trainer.fit(args.max_steps)
     return 0
 
 

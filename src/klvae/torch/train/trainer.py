@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -84,7 +85,8 @@ class Trainer:
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if self.distributed and not dist.is_initialized():
+        self._owns_process_group = self.distributed and not dist.is_initialized()
+        if self._owns_process_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -153,6 +155,26 @@ class Trainer:
                 self.load_state(load_checkpoint(path))
                 if self.is_main:
                     print(f"resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the DDP wrappers, then the process group when this trainer created it.
+
+        The order matters: a DDP reducer that outlives its process group is destroyed at interpreter exit and
+        can abort the process (gloo, "terminate called without an active exception").
+        """
+        self.ddp_model, self.ddp_disc = self.forward_module, self.loss.discriminator
+        gc.collect()
+        if self._owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self._owns_process_group = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
