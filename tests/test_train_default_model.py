@@ -55,3 +55,23 @@ def test_default_model_loads_in_flax():
     with torch.no_grad():
         mean_t = tmodel.encode(torch.from_numpy(x)).latent_dist.mean.numpy()
     assert np.abs(mean_j - mean_t).max() <= 1e-3 * max(1.0, np.abs(mean_t).max())
+
+
+def test_prepare_data_writes_missing_files_only(tmp_path):
+    pytest.importorskip("skimage")
+    from klvae.train.data import load_rgb
+    from klvae.train.default_model import prepare_data, skimage_photos
+
+    train, held = str(tmp_path / "train"), str(tmp_path / "held")
+    prepare_data(train, held)
+    names = sorted(os.listdir(held))
+    assert names == ["camera.png", "chelsea.png", "coffee.png"]
+    assert len(os.listdir(train)) == 17 and not any(n.startswith(".") for n in os.listdir(train))
+    np.testing.assert_array_equal(load_rgb(os.path.join(held, "chelsea.png")), skimage_photos(("chelsea",))["chelsea"])
+    # A folder left half-filled (another rank mid-way, or an interrupted run) is completed, not skipped;
+    # files already there are left as they are.
+    os.remove(os.path.join(held, "coffee.png"))
+    before = os.stat(os.path.join(held, "camera.png")).st_mtime_ns
+    prepare_data(train, held)
+    assert sorted(os.listdir(held)) == names
+    assert os.stat(os.path.join(held, "camera.png")).st_mtime_ns == before

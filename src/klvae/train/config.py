@@ -58,7 +58,7 @@ class DataSection:
     batch_size: int = 4                # per process
     random_flip: bool = True
     min_scale: float = 1.0             # random down-scaling of the image before cropping, in [min_scale, 1]
-    channel_shuffle: bool = False      # randomly permute RGB (colour augmentation for tiny datasets)
+    channel_shuffle: bool = False      # randomly permute RGB (colour augmentation; with L1 alone, see docs/training.md)
     color_jitter: float = 0.0          # per-channel gain in [1 - j, 1] plus an offset: recolours (and tints grey) crops
     grey_weight: float = 1.0           # how often a grey image is drawn, relative to a colour one
     val_size: int = 256                # validation images are centre-cropped to this size (a multiple of 8)

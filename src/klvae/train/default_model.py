@@ -1,6 +1,7 @@
 """The recipe of the bundled default model, as one resumable command (run from the repository root)::
 
-    python -m klvae.train.default_model [--config configs/default_model.toml] [--max-steps N]
+    torchrun --standalone --nproc_per_node 2 -m klvae.train.default_model [--config ...] [--max-steps N]
+    python -m klvae.train.default_model [--config configs/default_model.toml] [--max-steps N]   # one process
     python -m klvae.train.default_model --export src/klvae/default_model   # EMA weights of the latest checkpoint
 
 It writes scikit-image's bundled photographs (no other package's images: those are evaluation data) as PNGs
@@ -44,15 +45,23 @@ def skimage_photos(names: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def prepare_data(train_dir: str, val_dir: str) -> None:
-    """Write the training and held-out PNGs (skipped when already there)."""
+    """Write the training and held-out PNGs that are not there yet, each atomically (so the ranks of a
+    ``torchrun`` launch can all call this: none ever reads a half-written file or finds a folder half-filled)."""
+    import io
+
     from PIL import Image
+
+    from klvae.fileio import atomic_write_bytes
 
     for folder, names in ((train_dir, TRAIN_IMAGES), (val_dir, HELDOUT_IMAGES)):
         os.makedirs(folder, exist_ok=True)
-        if any(f.endswith(".png") for f in os.listdir(folder)):
-            continue
         for name, image in skimage_photos(names).items():
-            Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+            path = os.path.join(folder, f"{name}.png")
+            if os.path.exists(path):
+                continue
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
