@@ -206,3 +206,14 @@ def test_config_json_written_is_diffusers_style(pair, tmp_path):
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["_class_name"] == "AutoencoderKL"
     assert data["block_out_channels"] == [8, 16] and data["use_quant_conv"] is False
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    import klvae.fileio as fileio
+
+    fileio.atomic_write_bytes(str(tmp_path / "a.json"), b"{}")
+    # Not mkstemp's private 0600: the mode an ordinary open() would give under the process umask.
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o666 & ~fileio._UMASK
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    assert os.stat(probe).st_mode & 0o777 == 0o666 & ~fileio._UMASK
