@@ -157,8 +157,9 @@ class Trainer:
                     print(f"resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ lifetime
-    def close(self) -> None:
-        """Release the DDP wrappers, then the process group when this trainer created it.
+    def close(self, *, wait_for_peers: bool = True) -> None:
+        """Release the DDP wrappers, then the process group when this trainer created it (after a barrier unless
+        ``wait_for_peers`` is false, as on an error, when a peer may be gone and the barrier would hang).
 
         The order matters: a DDP reducer that outlives its process group is destroyed at interpreter exit and
         can abort the process (gloo, "terminate called without an active exception").
@@ -166,15 +167,16 @@ class Trainer:
         self.ddp_model, self.ddp_disc = self.forward_module, self.loss.discriminator
         gc.collect()
         if self._owns_process_group and dist.is_initialized():
-            dist.barrier()
+            if wait_for_peers:
+                dist.barrier()
             dist.destroy_process_group()
         self._owns_process_group = False
 
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(wait_for_peers=exc_type is None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
