@@ -64,8 +64,13 @@ def ldm_pairs(fields: dict) -> list[tuple[str, str]]:
         for j in range(layers + 1):
             resnet(f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}")
         both(f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv")
-    both("quant_conv", "quant_conv")
-    both("post_quant_conv", "post_quant_conv")
+    if fields.get("flux2"):  # BFL's FLUX.2 file: quant convs inside encoder/decoder, BatchNorm buffers on top
+        both("quant_conv", "encoder.quant_conv")
+        both("post_quant_conv", "decoder.post_quant_conv")
+        pairs.extend((k, k) for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"))
+    else:
+        both("quant_conv", "quant_conv")
+        both("post_quant_conv", "post_quant_conv")
     return pairs
 
 

@@ -161,6 +161,10 @@ def test_presets_infer_from_shapes(name):
     if PRESETS[name].latent_channels == 16:
         with pytest.raises(AmbiguousConfigError):
             infer_config(shapes)
+    elif PRESETS[name].latent_patch_size is not None:  # FLUX.2: its latent statistics make it unambiguous
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert infer_config(shapes) == PRESETS[name]
     else:
         with pytest.warns(AmbiguousConfigWarning):
             config = infer_config(shapes)

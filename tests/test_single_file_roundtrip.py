@@ -40,7 +40,8 @@ def assert_bit_exact(a: dict, b: dict) -> None:
 def test_key_map_agrees_with_the_tests_map_on_every_preset(name):
     config = PRESETS[name]
     shapes = state_dict_shapes(config)
-    fields = {"block_out_channels": config.block_out_channels, "layers_per_block": config.layers_per_block}
+    fields = {"block_out_channels": config.block_out_channels, "layers_per_block": config.layers_per_block,
+              "flux2": config.latent_patch_size is not None}
     expected = {d: o for d, o in ldm_pairs(fields) if d in shapes}
     assert len(expected) == len(shapes)
     original = diffusers_to_original({k: _Shaped(s) for k, s in shapes.items()})

@@ -11,12 +11,15 @@ from typing import Any
 
 from klvae.config import PRESETS as PRESETS
 from klvae.config import AutoencoderKLConfig as AutoencoderKLConfig
+from klvae.config import AutoencoderKLFlux2Config as AutoencoderKLFlux2Config
 from klvae.config import preset as preset
 from klvae.errors import ConfigError as ConfigError
 from klvae.errors import InputShapeError as InputShapeError
 from klvae.errors import KLVAEError as KLVAEError
 from klvae.errors import StateDictMismatchError as StateDictMismatchError
 from klvae.errors import WeightsError as WeightsError
+from klvae.latents import LatentScaling as LatentScaling
+from klvae.latents import latent_scaling as latent_scaling
 from klvae.latents import scale_latents as scale_latents
 from klvae.latents import unscale_latents as unscale_latents
 
@@ -30,6 +33,7 @@ DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "def
 # Names served lazily from the PyTorch backend, so importing klvae does not import torch.
 _TORCH_EXPORTS = {
     "AutoencoderKL": "klvae.torch.model",
+    "AutoencoderKLFlux2": "klvae.torch.flux2",
     "AutoencoderKLOutput": "klvae.torch.outputs",
     "DecoderOutput": "klvae.torch.outputs",
     "DiagonalGaussianDistribution": "klvae.torch.outputs",
@@ -38,7 +42,8 @@ _TORCH_EXPORTS = {
     "ChunkedAttnProcessor": "klvae.torch.attention",
 }
 
-__all__ = ["AutoencoderKLConfig", "PRESETS", "preset", "scale_latents", "unscale_latents", "ConfigError",
+__all__ = ["AutoencoderKLConfig", "AutoencoderKLFlux2Config", "PRESETS", "preset", "LatentScaling",
+           "latent_scaling", "scale_latents", "unscale_latents", "ConfigError",
            "InputShapeError", "KLVAEError", "StateDictMismatchError", "WeightsError", "DEFAULT_MODEL", *_TORCH_EXPORTS]
 
 

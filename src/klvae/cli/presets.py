@@ -15,11 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from klvae.config import PRESETS, preset
+    from klvae.latents import describe_convention
 
     if args.name:
         sys.stdout.write(preset(args.name).to_json_string())
         return 0
     for name, cfg in PRESETS.items():
-        print(f"{name:14s} latent_channels={cfg.latent_channels:<3d} scaling_factor={cfg.scaling_factor:<8g} "
-              f"shift_factor={cfg.shift_factor}")
+        print(f"{name:14s} {cfg.class_name:18s} latent_channels={cfg.latent_channels:<3d} "
+              f"latents: {describe_convention(cfg)}")
     return 0

@@ -23,6 +23,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
+_MODEL_NAMES = {"AutoencoderKL": "an SD/SDXL/SD3/FLUX.1-style VAE", "AutoencoderKLFlux2": "FLUX.2's VAE"}
+
+
 def as_torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a dtype or its name (``"bf16"``, ``"float16"``, ``"torch.float32"``)."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -62,6 +65,9 @@ def canonical_state_dict(tensors: dict[str, torch.Tensor], config: AutoencoderKL
 def build_from_state_dict(cls, config: AutoencoderKLConfig, tensors: dict[str, torch.Tensor], *,
                           dtype: torch.dtype | None, source: str):
     """A model of ``cls`` whose parameters are ``tensors`` (cast to ``dtype``, default float32)."""
+    if type(config) is not cls.config_class:
+        raise WeightsError(f"{source}: holds an {config.class_name} ({_MODEL_NAMES.get(config.class_name, '')}), "
+                           f"not an {cls.config_class.class_name}; load it with klvae.{config.class_name}")
     tensors = canonical_state_dict(tensors, config, source)
     dtype = dtype or torch.get_default_dtype()
     with torch.device("meta"):
@@ -87,7 +93,7 @@ class PretrainedMixin:
         config_path, weights_path = resolve_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, variant=variant, cache_dir=cache_dir,
             local_files_only=local_files_only, revision=revision, token=token)
-        config = AutoencoderKLConfig.from_json_file(config_path)
+        config = cls.config_class.from_json_file(config_path)
         tensors = load_weights_file(weights_path)
         return build_from_state_dict(cls, config, tensors, dtype=as_torch_dtype(torch_dtype), source=weights_path)
 
@@ -111,7 +117,7 @@ class PretrainedMixin:
     @classmethod
     def from_config(cls, config: AutoencoderKLConfig | dict[str, Any], **overrides: Any):
         """A randomly initialised model from a config (diffusers' ``from_config``)."""
-        return cls(config if isinstance(config, AutoencoderKLConfig) else AutoencoderKLConfig.from_dict(config),
+        return cls(config if isinstance(config, AutoencoderKLConfig) else cls.config_class.from_dict(config),
                    **overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,

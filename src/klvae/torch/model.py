@@ -63,7 +63,7 @@ class Decoder(_Checkpointed):
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
-        chans, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+        chans, groups = tuple(reversed(config.decoder_channels)), config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, chans[0], 3, padding=1)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(chans[max(i - 1, 0)], c, config.layers_per_block + 1, groups, config.act_fn,
@@ -92,10 +92,12 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
     """
 
     _supports_gradient_checkpointing = True
+    #: The config class this model takes (diffusers' ``_class_name`` is its ``class_name``).
+    config_class: type[AutoencoderKLConfig] = AutoencoderKLConfig
 
     def __init__(self, config: AutoencoderKLConfig | None = None, **config_fields: Any):
         super().__init__()
-        self._config = resolve_config(config, **config_fields)
+        self._config = resolve_config(config, cls=self.config_class, **config_fields)
         config = self._config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)

@@ -31,7 +31,8 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
     unknown = set(kwargs) - _IGNORED_KWARGS
     if unknown:
         raise TypeError(f"from_single_file got unexpected arguments: {', '.join(sorted(unknown))}")
-    weights = read_vae(path_or_url, config, **{k: v for k, v in options.items() if v is not None})
+    weights = read_vae(path_or_url, config, config_class=cls.config_class,
+                       **{k: v for k, v in options.items() if v is not None})
     return build_from_state_dict(cls, weights.config, weights.state_dict, dtype=as_torch_dtype(torch_dtype),
                                  source=weights.source)
 

@@ -13,7 +13,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 
-from klvae.config import PRESETS, AutoencoderKLConfig
+from klvae.config import PRESETS, AutoencoderKLConfig, AutoencoderKLFlux2Config
 from klvae.errors import ConfigError, WeightsError
 from klvae.weights.layout import Shape, check_shapes, state_dict_shapes
 
@@ -87,11 +87,12 @@ def infer_architecture(shapes: Mapping[str, Shape], source: str = "weights") -> 
     if shape("encoder.conv_out.weight")[0] != 2 * latent:
         raise WeightsError(f"{source}: encoder.conv_out has {shape('encoder.conv_out.weight')[0]} output channels "
                            f"but decoder.conv_in takes {latent}: not an AutoencoderKL (which needs 2 x latent)")
+    decoder = tuple(reversed([shape(f"decoder.up_blocks.{i}.resnets.0.conv2.weight")[0] for i in range(n)]))
     groups = DEFAULT_NORM_GROUPS
-    if any(c % groups for c in chans):
-        raise WeightsError(f"{source}: block channels {chans} are not multiples of {groups}, so norm_num_groups "
-                           "cannot be assumed; pass config= with the model's config")
-    return dict(
+    if any(c % groups for c in chans + decoder):
+        raise WeightsError(f"{source}: block channels {chans} (decoder {decoder}) are not multiples of {groups}, "
+                           "so norm_num_groups cannot be assumed; pass config= with the model's config")
+    arch = dict(
         in_channels=shape("encoder.conv_in.weight")[1],
         out_channels=shape("decoder.conv_out.weight")[0],
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -104,6 +105,17 @@ def infer_architecture(shapes: Mapping[str, Shape], source: str = "weights") -> 
         use_post_quant_conv="post_quant_conv.weight" in shapes,
         mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in shapes,
     )
+    if "bn.running_mean" in shapes:  # FLUX.2: latent statistics over square patches of the latents
+        patch_area = shape("bn.running_mean")[0] // latent
+        side = round(patch_area ** 0.5)
+        if side * side * latent != shape("bn.running_mean")[0]:
+            raise WeightsError(f"{source}: bn.running_mean has {shape('bn.running_mean')[0]} channels, not "
+                               f"{latent} latent channels times a square patch")
+        arch.update(patch_size=(side, side), decoder_block_out_channels=decoder if decoder != chans else None)
+    elif decoder != chans:
+        raise WeightsError(f"{source}: the decoder's widths {decoder} differ from the encoder's {chans}, which "
+                           "only FLUX.2's VAE allows, and this file has no FLUX.2 latent statistics (bn.*)")
+    return arch
 
 
 def _latent_signature(fields: Mapping) -> tuple:
@@ -135,6 +147,13 @@ def infer_config(shapes: Mapping[str, Shape], *, family: str | None = None,
     size, latent factors, ``force_upcast``) from the chosen family's preset, or diffusers' defaults when no
     family's latent space matches. The shapes are then checked strictly against the result."""
     arch = infer_architecture(shapes, source)
+    if "patch_size" in arch:  # FLUX.2: no latent factors to choose; the statistics are in the weights
+        try:
+            config = AutoencoderKLFlux2Config(**arch)
+        except ConfigError as e:
+            raise WeightsError(f"{source}: the inferred FLUX.2 architecture is not valid ({e})") from None
+        check_shapes(state_dict_shapes(config), shapes, source)
+        return config
     chosen = choose_family(arch, family, source)
     if chosen is None:
         warnings.warn(f"{source}: no published VAE has {arch['latent_channels']} latent channels with these quant "
@@ -155,7 +174,8 @@ def infer_config(shapes: Mapping[str, Shape], *, family: str | None = None,
 
 
 def architecture_of(config: AutoencoderKLConfig) -> dict:
-    return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+    return {"class": config.class_name, "decoder": config.decoder_channels,
+            **{name: getattr(config, name) for name in ARCHITECTURE_FIELDS}}
 
 
 def matching_presets(config: AutoencoderKLConfig) -> list[str]:

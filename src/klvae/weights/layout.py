@@ -61,8 +61,8 @@ def state_dict_shapes(config: AutoencoderKLConfig) -> dict[str, Shape]:
     shapes.update(_norm("encoder.conv_norm_out", chans[-1]))
     shapes.update(_conv("encoder.conv_out", 2 * config.latent_channels, chans[-1], 3))
 
-    shapes.update(_conv("decoder.conv_in", chans[-1], config.latent_channels, 3))
-    rev = tuple(reversed(chans))
+    rev = tuple(reversed(config.decoder_channels))
+    shapes.update(_conv("decoder.conv_in", rev[0], config.latent_channels, 3))
     c_prev = rev[0]
     for i, c in enumerate(rev):
         for j in range(config.layers_per_block + 1):
@@ -70,15 +70,22 @@ def state_dict_shapes(config: AutoencoderKLConfig) -> dict[str, Shape]:
         if i < n - 1:
             shapes.update(_conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3))
         c_prev = c
-    shapes.update(_mid_block("decoder.mid_block", chans[-1], config.mid_block_add_attention))
-    shapes.update(_norm("decoder.conv_norm_out", chans[0]))
-    shapes.update(_conv("decoder.conv_out", config.out_channels, chans[0], 3))
+    shapes.update(_mid_block("decoder.mid_block", rev[0], config.mid_block_add_attention))
+    shapes.update(_norm("decoder.conv_norm_out", rev[-1]))
+    shapes.update(_conv("decoder.conv_out", config.out_channels, rev[-1], 3))
 
     if config.use_quant_conv:
         shapes.update(_conv("quant_conv", 2 * config.latent_channels, 2 * config.latent_channels, 1))
     if config.use_post_quant_conv:
         shapes.update(_conv("post_quant_conv", config.latent_channels, config.latent_channels, 1))
+    if config.latent_patch_size is not None:  # FLUX.2's latent BatchNorm: statistics only (no affine)
+        shapes.update({f"bn.{name}": (config.batch_norm_channels,) for name in ("running_mean", "running_var")})
+        shapes["bn.num_batches_tracked"] = ()
     return shapes
+
+
+#: FLUX.2's BatchNorm buffers: latent statistics, not trained weights; the same names in every layout.
+BATCH_NORM_KEYS = ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked")
 
 
 # Attention keys of diffusers folders saved before the attention refactor, and their current names.

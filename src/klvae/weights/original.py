@@ -3,6 +3,8 @@
 The original layout is the one of CompVis/Stability's ``AutoencoderKL`` (SD 1/2, SDXL) and of SD3's and FLUX's
 VAEs (``ae.safetensors``): ``encoder.down.{i}.block.{j}``, ``mid.attn_1.q`` as 1x1 convolutions, decoder up
 blocks numbered from the lowest resolution's last (``decoder.up.{n-1}`` is diffusers' ``up_blocks.0``).
+FLUX.2's ``ae.safetensors`` nests the quant convs (``encoder.quant_conv``, ``decoder.post_quant_conv``) and adds
+its latent BatchNorm's buffers (``bn.running_mean`` ...) at the top level, named as in diffusers.
 
 The map is one table of template pairs, read in either direction. Pure: tensors are touched only through
 ``.shape`` and ``.reshape``, so numpy arrays, torch tensors and jax arrays all work and nothing is imported.
@@ -40,9 +42,12 @@ _TEMPLATES = (
     ("{m}.mid.attn_1.{attn}", "{m}.mid_block.attentions.0.{attn}"),
     ("decoder.up.{rev}.block.{j}.{res}", "decoder.up_blocks.{i}.resnets.{j}.{res}"),
     ("decoder.up.{rev}.upsample.conv", "decoder.up_blocks.{i}.upsamplers.0.conv"),
-    ("quant_conv", "quant_conv"),
-    ("post_quant_conv", "post_quant_conv"),
 )
+# Where the quant convs sit: at the top level (LDM, SD3, FLUX.1), or inside encoder/decoder (FLUX.2).
+_TOP_QUANT_CONVS = (("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv"))
+_NESTED_QUANT_CONVS = (("encoder.quant_conv", "quant_conv"), ("decoder.post_quant_conv", "post_quant_conv"))
+# FLUX.2's latent statistics: buffers with the same names in both layouts.
+_BATCH_NORM_KEYS = frozenset({"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"})
 
 _ORIGINAL, _DIFFUSERS = 0, 1
 
@@ -69,14 +74,21 @@ def _compile(template: str, side: int) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\.(?P<param>weight|bias)")
 
 
-_RULES = [(_compile(pair[side], side), pair[1 - side], side) for pair in _TEMPLATES for side in (0, 1)]
+def _rules(templates: tuple[tuple[str, str], ...], side: int) -> list[tuple[re.Pattern[str], str]]:
+    return [(_compile(pair[side], side), pair[1 - side]) for pair in templates]
 
 
-def _translate(key: str, side: int, num_blocks: int | None) -> str | None:
+# Reading original keys accepts both placements of the quant convs; writing chooses one.
+_RULES = {(_ORIGINAL, False): _rules(_TEMPLATES + _TOP_QUANT_CONVS + _NESTED_QUANT_CONVS, _ORIGINAL),
+          (_DIFFUSERS, False): _rules(_TEMPLATES + _TOP_QUANT_CONVS, _DIFFUSERS),
+          (_DIFFUSERS, True): _rules(_TEMPLATES + _NESTED_QUANT_CONVS, _DIFFUSERS)}
+
+
+def _translate(key: str, side: int, num_blocks: int | None, nested_quant_convs: bool = False) -> str | None:
+    if key in _BATCH_NORM_KEYS:
+        return key
     leaves = _leaf_tables(side)
-    for pattern, target, rule_side in _RULES:
-        if rule_side != side:
-            continue
+    for pattern, target in _RULES[(side, nested_quant_convs and side == _DIFFUSERS)]:
         match = pattern.fullmatch(key)
         if match is None:
             continue
@@ -102,9 +114,15 @@ def to_diffusers_key(key: str, num_blocks: int | None) -> str | None:
     return _translate(key, _ORIGINAL, num_blocks)
 
 
-def to_original_key(key: str, num_blocks: int | None) -> str | None:
-    """The original-layout name of a diffusers key, or None if the key is not a VAE weight of that layout."""
-    return _translate(key, _DIFFUSERS, num_blocks)
+def to_original_key(key: str, num_blocks: int | None, nested_quant_convs: bool = False) -> str | None:
+    """The original-layout name of a diffusers key, or None if the key is not a VAE weight of that layout.
+    ``nested_quant_convs``: FLUX.2's file layout (``encoder.quant_conv``, ``decoder.post_quant_conv``)."""
+    return _translate(key, _DIFFUSERS, num_blocks, nested_quant_convs)
+
+
+def has_batch_norm(keys: Iterable[str]) -> bool:
+    """True for FLUX.2's VAE: its state dict holds the latent BatchNorm's statistics."""
+    return any(k in _BATCH_NORM_KEYS for k in keys)
 
 
 def is_attention_projection(diffusers_key: str) -> bool:
@@ -167,11 +185,13 @@ def original_to_diffusers(state_dict: Mapping[str, Any], source: str = "weights"
 def diffusers_to_original(state_dict: Mapping[str, Any], prefix: str = "",
                           source: str = "weights") -> dict[str, Any]:
     """Rename a diffusers-layout VAE state dict to the original layout (attention weights as ``(C, C, 1, 1)``),
-    each key prefixed with ``prefix`` (``""`` for a bare VAE file, ``"first_stage_model."`` inside a full one)."""
+    each key prefixed with ``prefix`` (``""`` for a bare VAE file, ``"first_stage_model."`` inside a full one).
+    FLUX.2's VAE (it has ``bn.*``) gets BFL's layout, its quant convs inside the encoder and decoder."""
     n = count_blocks(state_dict, "diffusers")
+    nested = has_batch_norm(state_dict)
     out, unknown = {}, []
     for key, value in state_dict.items():
-        new = to_original_key(key, n)
+        new = to_original_key(key, n, nested)
         if new is None:
             unknown.append(key)
             continue

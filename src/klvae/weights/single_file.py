@@ -16,18 +16,18 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-from klvae.config import AutoencoderKLConfig
+from klvae.config import AutoencoderKLConfig, config_from_dict
 from klvae.errors import ConfigError, WeightsError
 from klvae.weights.files import read_safetensors_header, safetensors_metadata
 from klvae.weights.infer import EDM_KEYS, detect_family, infer_config
 from klvae.weights.layout import Shape, check_shapes, rename_legacy_attention_keys, state_dict_shapes
-from klvae.weights.original import (TRAINING_ONLY_PREFIXES, VAE_PREFIXES, detect_layout, is_attention_projection,
-                                    original_key_map)
+from klvae.weights.original import (TRAINING_ONLY_PREFIXES, VAE_PREFIXES, detect_layout, has_batch_norm,
+                                    is_attention_projection, original_key_map)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Safetensors metadata key under which save_single_file stores the full config (latent factors included).
 CONFIG_METADATA_KEY = "klvae_config"
-_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 FRAMEWORKS = ("pt", "numpy")
 
 
@@ -214,6 +214,7 @@ def read_single_file(path: str, config: AutoencoderKLConfig | None = None,
         edm = _edm_stats(ckpt, others, framework)
         config = infer_config(shapes, family=detect_family(others, ckpt.metadata), edm_stats=edm, source=path)
     else:
+        _check_model_class(config, shapes, path)
         check_shapes(state_dict_shapes(config), shapes, path)
 
     loaded = ckpt.load([inside[k] for k in inside], framework)
@@ -230,16 +231,31 @@ def read_single_file(path: str, config: AutoencoderKLConfig | None = None,
 
 def read_vae(path_or_url: str | os.PathLike, config: Any = None, *, subfolder: str | None = None,
              cache_dir: str | None = None, local_files_only: bool = False, revision: str | None = None,
-             token: str | bool | None = None, framework: str = "pt") -> SingleFileWeights:
+             token: str | bool | None = None, framework: str = "pt",
+             config_class: type[AutoencoderKLConfig] = AutoencoderKLConfig) -> SingleFileWeights:
     """``read_single_file`` for what users pass: a local path or hub file URL, and ``config`` as a config, dict,
-    preset name, diffusers folder, ``config.json`` or hub repo id (see :mod:`klvae.weights.sources`)."""
+    preset name, diffusers folder, ``config.json`` or hub repo id (see :mod:`klvae.weights.sources`); a dict
+    without ``_class_name`` is read as ``config_class``."""
     from klvae.weights.sources import resolve_config_arg, resolve_single_file
 
     path = resolve_single_file(path_or_url, cache_dir=cache_dir, local_files_only=local_files_only,
                                revision=revision, token=token)
     resolved = None if config is None else resolve_config_arg(
-        config, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        config, subfolder=subfolder, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        config_class=config_class)
     return read_single_file(path, resolved, framework=framework)
+
+
+def _check_model_class(config: AutoencoderKLConfig, shapes: Mapping[str, Shape], source: str) -> None:
+    """A FLUX.2 file (latent statistics ``bn.*``) needs a FLUX.2 config, and only it does."""
+    flux2_file, flux2_config = has_batch_norm(shapes), config.latent_patch_size is not None
+    if flux2_file and not flux2_config:
+        raise WeightsError(f"{source}: this is FLUX.2's VAE (it holds the latent statistics bn.*), but the config "
+                           f"given is an {config.class_name} one; load it with klvae.AutoencoderKLFlux2 (config="
+                           "'flux2' or none: the architecture is read from the weights)")
+    if flux2_config and not flux2_file:
+        raise WeightsError(f"{source}: a FLUX.2 config was given, but the file has no FLUX.2 latent statistics "
+                           "(bn.*): it is not FLUX.2's VAE; load it with klvae.AutoencoderKL")
 
 
 def _embedded_config(ckpt: _Checkpoint) -> AutoencoderKLConfig | None:
@@ -247,7 +263,7 @@ def _embedded_config(ckpt: _Checkpoint) -> AutoencoderKLConfig | None:
     if text is None:
         return None
     try:
-        return AutoencoderKLConfig.from_dict(json.loads(text), source=f"{ckpt.path} (metadata {CONFIG_METADATA_KEY})")
+        return config_from_dict(json.loads(text), source=f"{ckpt.path} (metadata {CONFIG_METADATA_KEY})")
     except (ValueError, ConfigError) as e:
         raise WeightsError(f"{ckpt.path}: corrupt {CONFIG_METADATA_KEY} metadata ({e})") from None
 

@@ -12,7 +12,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from klvae.config import CONFIG_NAME, PRESET_ALIASES, PRESETS, AutoencoderKLConfig, resolve_config
+from klvae.config import (CLASS_NAME, CONFIG_CLASSES, CONFIG_NAME, PRESET_ALIASES, PRESETS, AutoencoderKLConfig,
+                          read_config_file, resolve_config)
 from klvae.errors import ConfigError, WeightsError
 
 # URL forms accepted for a file on the hub (as diffusers accepts them), with an optional blob/resolve revision.
@@ -66,18 +67,19 @@ def resolve_single_file(path_or_url: str | os.PathLike, *, cache_dir: str | None
 
 def resolve_config_arg(config: AutoencoderKLConfig | Mapping[str, Any] | str | os.PathLike, *,
                        subfolder: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                       revision: str | None = None, token: str | bool | None = None) -> AutoencoderKLConfig:
+                       revision: str | None = None, token: str | bool | None = None,
+                       config_class: type[AutoencoderKLConfig] = AutoencoderKLConfig) -> AutoencoderKLConfig:
     """What ``from_single_file(config=...)`` accepts: a config, a dict, a preset name, a diffusers folder or
     ``config.json``, or (as in diffusers) a hub repo id whose ``config.json`` is fetched, from ``subfolder``
-    or else from the root or ``vae/``."""
+    or else from the root or ``vae/``. A dict without ``_class_name`` is read as ``config_class``."""
     if isinstance(config, (str, os.PathLike)):
         name = os.fspath(config)
         local = os.path.join(name, subfolder) if subfolder and os.path.isdir(name) else name
         known_preset = PRESET_ALIASES.get(name.lower(), name.lower()) in PRESETS
         if not os.path.exists(local) and not known_preset and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
             return _hub_config(name, subfolder, cache_dir, local_files_only, revision, token)
-        return resolve_config(local)
-    return resolve_config(config)
+        return resolve_config(local, cls=config_class, strict=False)
+    return resolve_config(config, cls=config_class, strict=False)
 
 
 def _hub_config(repo_id: str, subfolder: str | None, cache_dir: str | None, local_files_only: bool,
@@ -91,7 +93,7 @@ def _hub_config(repo_id: str, subfolder: str | None, cache_dir: str | None, loca
         except Exception as e:
             errors.append(f"{folder or '.'}: {type(e).__name__}")
             continue
-        config = AutoencoderKLConfig.from_json_file(path) if _is_vae_config(path) else None
+        config = read_config_file(path) if _is_vae_config(path) else None
         if config is not None:
             return config
         errors.append(f"{folder or '.'}: not an AutoencoderKL config")
@@ -107,5 +109,5 @@ def _is_vae_config(path: str) -> bool:
             data = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("_class_name", "AutoencoderKL") in ("AutoencoderKL",
-                                                                                   "FlaxAutoencoderKL")
+    return (isinstance(data, dict)
+            and str(data.get("_class_name", CLASS_NAME)).removeprefix("Flax") in CONFIG_CLASSES)
