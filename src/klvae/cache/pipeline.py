@@ -84,7 +84,7 @@ class _Group:
 
 def manifest(settings: CacheSettings, runner: Any, buckets: list[tuple[int, int]]) -> dict[str, Any]:
     """What a restart must agree with: the model and everything that changes the stored latents."""
-    from klvae.cli.latentfile import scaling_of
+    from klvae.latentfile import scaling_of
 
     return {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "model": runner.source.name,
             "backend": runner.backend, "dtype": runner.dtype, "config": runner.config.to_dict(),
@@ -157,7 +157,7 @@ def _run(settings: CacheSettings, runner: Any, buckets: list[tuple[int, int]], g
 
 def _encode_all(mine: list[Sample], buckets, runner, settings: CacheSettings, writer: _ShardWriter,
                 failures: list[dict[str, str]], show: bool) -> None:
-    from klvae.cli.common import progress
+    from klvae.progress import progress
 
     pending: dict[tuple[int, int], list[_Loaded]] = {}
     loaded = _load_parallel(mine, buckets, runner.config.in_channels, settings.workers)
@@ -208,7 +208,7 @@ class _ShardWriter:
     """Encodes batches and collects their latents into shards of ``shard_size`` images."""
 
     def __init__(self, out_dir: str, rank: int, runner: Any, settings: CacheSettings):
-        from klvae.cli.latentfile import latent_metadata
+        from klvae.latentfile import latent_metadata
 
         self.out_dir, self.rank, self.runner, self.settings = out_dir, rank, runner, settings
         self.seq = sh.next_sequence(out_dir, rank)

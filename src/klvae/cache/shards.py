@@ -105,7 +105,7 @@ def write_shard(path: str, tensors: dict[str, np.ndarray], latents_meta: dict[st
     """Write one shard atomically and durably (flushed to disk before it appears under its name)."""
     from safetensors.numpy import save_file
 
-    from klvae.cli.latentfile import METADATA_KEY
+    from klvae.latentfile import METADATA_KEY
 
     header = {"format": "np", METADATA_KEY: json.dumps(latents_meta, sort_keys=True),
               ROWS_KEY: json.dumps(rows, sort_keys=True)}

@@ -1,7 +1,8 @@
-"""What the image subcommands share: model options and loading, a backend-neutral runner, outputs, progress.
+"""What the image subcommands share: model options and loading, a backend-neutral runner, outputs, inputs.
 
 A :class:`Runner` hides the backend: it takes and returns numpy arrays (NCHW float32), so encode, decode,
-roundtrip and cache are written once for PyTorch and Flax.
+roundtrip and cache are written once for PyTorch and Flax. Progress bars live in :mod:`klvae.progress` and the
+latent-file format in :mod:`klvae.latentfile`, below both the command line and the cache.
 """
 
 from __future__ import annotations
@@ -272,28 +273,9 @@ def unique_stems(paths: list[str]) -> list[str]:
     return out
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, quiet: bool, unit: str = "img") -> Iterator[T]:
-    """``items`` with a progress bar on an interactive stderr (tqdm, when installed)."""
-    if quiet or not sys.stderr.isatty():
-        yield from items
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        yield from items
-        return
-    yield from tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-
 def note(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, file=sys.stderr)
-
-
-def model_metadata(runner: Runner) -> dict[str, Any]:
-    """What an output file records about the model that made it."""
-    return {"model": runner.source.name, "backend": runner.backend, "dtype": runner.dtype,
-            "config": runner.config.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -42,7 +42,7 @@ def plan(paths: list[str]) -> list[tuple]:
     import numpy as np
 
     from klvae.cli.common import CLIError, unique_stems
-    from klvae.cli.latentfile import read_latents
+    from klvae.latentfile import read_latents
 
     out = []
     for path, stem in zip(paths, unique_stems(paths)):
@@ -64,9 +64,10 @@ def plan(paths: list[str]) -> list[tuple]:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from klvae.cli.common import CLIError, batches_by_shape, check_outputs, expand_inputs, load_runner, note, progress
+    from klvae.cli.common import CLIError, batches_by_shape, check_outputs, expand_inputs, load_runner, note
     from klvae.images import from_model_output, write_image
     from klvae.latents import unscale_latents
+    from klvae.progress import progress
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")

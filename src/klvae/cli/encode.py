@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from klvae.cli.common import (CLIError, batches_by_shape, check_images_readable, check_outputs, expand_inputs,
-                                  load_runner, note, progress)
-    from klvae.cli.latentfile import STORAGE_DTYPES, latent_metadata, write_latents
+                                  load_runner, note)
     from klvae.images import is_image_name, pad_to_multiple, read_image, to_channels, to_model_input
+    from klvae.latentfile import STORAGE_DTYPES, latent_metadata, write_latents
     from klvae.latents import scale_latents
+    from klvae.progress import progress
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -37,11 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from klvae.cli.common import (CLIError, check_images_readable, check_outputs, expand_inputs, load_runner, note,
-                                  progress, unique_stems)
+                                  unique_stems)
     from klvae.cli.quality import comparison_image, psnr, ssim
     from klvae.data import SAMPLE_IMAGE
     from klvae.images import (from_model_output, is_image_name, pad_to_multiple, quantize, read_image, to_channels,
                               to_model_input, write_image)
+    from klvae.progress import progress
 
     if not args.error_scale > 0:
         raise CLIError(f"--error-scale must be positive, got {args.error_scale}")

@@ -14,12 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from klvae.cli.common import CLIError, Runner, model_metadata
+from klvae.errors import KLVAEError
 from klvae.fileio import atomic_write_with
 
 METADATA_KEY = "klvae_latents"
 SCALING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class LatentFileError(KLVAEError):
+    """A latent file cannot be read: missing, not a latent format, corrupt metadata, or empty."""
 
 
 def scaling_of(config: Any) -> dict[str, Any]:
@@ -31,7 +35,14 @@ def scaling_of(config: Any) -> dict[str, Any]:
     return out
 
 
-def latent_metadata(runner: Runner, scaled: bool, **extra: Any) -> dict[str, Any]:
+def model_metadata(runner: Any) -> dict[str, Any]:
+    """What an output file records about the model that made it (``runner``: a loaded model with ``source``,
+    ``backend``, ``dtype`` and ``config``, such as :class:`klvae.cli.common.Runner`)."""
+    return {"model": runner.source.name, "backend": runner.backend, "dtype": runner.dtype,
+            "config": runner.config.to_dict()}
+
+
+def latent_metadata(runner: Any, scaled: bool, **extra: Any) -> dict[str, Any]:
     from klvae import __version__
 
     return {**model_metadata(runner), "scaled": scaled, "scaling": scaling_of(runner.config),
@@ -50,12 +61,12 @@ def write_latents(path: str, tensors: dict[str, np.ndarray], metadata: dict[str,
 def read_latents(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
     """``(tensors, klvae metadata or None)`` of a ``.safetensors`` or ``.npy`` latent file."""
     if not os.path.isfile(path):
-        raise CLIError(f"{path}: no such file")
+        raise LatentFileError(f"{path}: no such file")
     if path.endswith(".npy"):
         try:
             return {"latents": np.load(path, allow_pickle=False)}, None
         except (ValueError, OSError) as e:
-            raise CLIError(f"{path}: cannot read as a .npy array ({e})") from None
+            raise LatentFileError(f"{path}: cannot read as a .npy array ({e})") from None
     from safetensors import safe_open
 
     try:
@@ -63,13 +74,13 @@ def read_latents(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | Non
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors' errors name no file
-        raise CLIError(f"{path}: cannot read as a safetensors file ({type(e).__name__}: {e})") from None
+        raise LatentFileError(f"{path}: cannot read as a safetensors file ({type(e).__name__}: {e})") from None
     meta = None
     if METADATA_KEY in header:
         try:
             meta = json.loads(header[METADATA_KEY])
         except json.JSONDecodeError as e:
-            raise CLIError(f"{path}: corrupt {METADATA_KEY} metadata ({e})") from None
+            raise LatentFileError(f"{path}: corrupt {METADATA_KEY} metadata ({e})") from None
     if not tensors:
-        raise CLIError(f"{path}: holds no tensors")
+        raise LatentFileError(f"{path}: holds no tensors")
     return tensors, meta
