@@ -133,7 +133,7 @@ class _Builder:
 def decoder_graph(config: AutoencoderKLConfig) -> Graph:
     """post_quant_conv, then the decoder, as tile-local operations at latent scale 1 up to ``downsample_factor``."""
     b = _Builder(config)
-    chans = tuple(reversed(config.block_out_channels))
+    chans = tuple(reversed(config.decoder_channels))
     lat = config.latent_channels
     x = b.add(Node("z", INPUT, (), lat, 1))
     if config.use_post_quant_conv:

@@ -10,6 +10,8 @@ from klvae.flax.blocks import FlaxResnetBlock2D as FlaxResnetBlock2D
 from klvae.flax.blocks import FlaxUNetMidBlock2D as FlaxUNetMidBlock2D
 from klvae.flax.blocks import FlaxUpDecoderBlock2D as FlaxUpDecoderBlock2D
 from klvae.flax.blocks import FlaxUpsample2D as FlaxUpsample2D
+from klvae.flax.flux2 import FlaxAutoencoderKLFlux2 as FlaxAutoencoderKLFlux2
+from klvae.flax.flux2 import split_latent_statistics as split_latent_statistics
 from klvae.flax.model import FlaxAutoencoderKL as FlaxAutoencoderKL
 from klvae.flax.model import FlaxDecoder as FlaxDecoder
 from klvae.flax.model import FlaxEncoder as FlaxEncoder

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klvae.config import CONFIG_NAME, AutoencoderKLConfig
+from klvae.config import CONFIG_NAME
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
 from klvae.hub import resolve_pretrained
@@ -59,7 +59,7 @@ class FlaxPretrainedMixin:
         config_path, weights_path = resolve_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, variant=variant, cache_dir=cache_dir,
             local_files_only=local_files_only, revision=revision, token=token)
-        config = AutoencoderKLConfig.from_json_file(config_path)
+        config = cls.config_class.from_json_file(config_path)
         tensors = load_numpy_weights(weights_path)
         params = canonical_to_flax(tensors, config, dtype=as_numpy_dtype(jnp.dtype(param_dtype)),
                                    source=weights_path)

@@ -25,8 +25,8 @@ from klvae.flax.exact_tiling import run_exact
 from klvae.flax.tiling import blend_tiles
 from klvae.tiling import decode_plan, encode_plan
 
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderKLConfig))
-_TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std")
+_TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std",
+                 "decoder_block_out_channels", "patch_size")
 
 
 class FlaxEncoder(nn.Module):
@@ -68,7 +68,7 @@ class FlaxDecoder(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        chans, groups = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        chans, groups = tuple(reversed(cfg.decoder_channels)), cfg.norm_num_groups
         numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         self.conv_in = conv(self, chans[0], 3)
         self.mid_block = FlaxUNetMidBlock2D(chans[0], groups, cfg.act_fn, cfg.mid_block_add_attention, **numerics)
@@ -131,9 +131,12 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
     tile_overlap_factor: float = 0.25
     tiling_memory_limit: float | None = None  # exact/auto: activation bytes to stay within (None: from free memory)
 
+    #: The config class whose fields this module's mirror (not a linen field: no annotation).
+    config_class = AutoencoderKLConfig
+
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:  # lists would make the module unhashable
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         if isinstance(self.sample_size, list):
@@ -147,14 +150,18 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
     @property
     def config(self) -> AutoencoderKLConfig:
         """The shared config these fields describe."""
-        return _config_from_items(tuple((name, getattr(self, name)) for name in CONFIG_FIELDS))
+        cls = self.config_class
+        return _config_from_items(cls, tuple((name, getattr(self, name)) for name in _config_fields(cls)))
 
     @classmethod
     def from_config(cls, config: AutoencoderKLConfig | dict[str, Any], **fields: Any) -> FlaxAutoencoderKL:
         """A module for ``config``; ``fields`` sets numerics (``dtype=jnp.bfloat16``) or overrides config fields."""
         if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.from_dict(config)
-        return cls(**{name: config[name] for name in CONFIG_FIELDS}, **fields)
+            config = cls.config_class.from_dict(config)
+        if type(config) is not cls.config_class:
+            raise ConfigError(f"this is an {config.class_name} config; load it with "
+                              f"klvae.flax.Flax{config.class_name}, not {cls.__name__}")
+        return cls(**{name: getattr(config, name) for name in _config_fields(cls.config_class)}, **fields)
 
     def with_slicing(self, enabled: bool = True) -> FlaxAutoencoderKL:
         """A copy that encodes/decodes a batch one item at a time (same results, less peak memory)."""
@@ -344,8 +351,12 @@ def _jitted_method(module: FlaxAutoencoderKL, method: Any, deterministic: bool) 
 
 
 @functools.lru_cache(maxsize=128)
-def _config_from_items(items: tuple[tuple[str, Any], ...]) -> AutoencoderKLConfig:
-    return AutoencoderKLConfig(**dict(items))
+def _config_from_items(cls: type[AutoencoderKLConfig], items: tuple[tuple[str, Any], ...]) -> AutoencoderKLConfig:
+    return cls(**dict(items))
+
+
+def _config_fields(cls: type[AutoencoderKLConfig]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _check_tiling(mode: str, tile: int | None, overlap: float, memory_limit: float | None, factor: int) -> None:

@@ -26,7 +26,8 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None, *,
                      param_dtype: Any = jnp.float32, precision: Any = None, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, params)`` from a single-file checkpoint; see :meth:`FlaxPretrainedMixin.from_single_file`."""
     options = {k: kwargs.pop(k) for k in _SOURCE_OPTIONS if k in kwargs}
-    weights = read_vae(path_or_url, config, framework="numpy", **{k: v for k, v in options.items() if v is not None})
+    weights = read_vae(path_or_url, config, framework="numpy", config_class=cls.config_class,
+                       **{k: v for k, v in options.items() if v is not None})
     params = canonical_to_flax(weights.state_dict, weights.config, dtype=as_numpy_dtype(jnp.dtype(param_dtype)),
                                source=weights.source)
     model = cls.from_config(weights.config, dtype=dtype, param_dtype=param_dtype, precision=precision, **kwargs)

@@ -10,6 +10,8 @@ canonical key                                          Flax path
 ``...mid_block.attentions.0.to_q.weight``              ``.../mid_block/attentions_0/query/kernel``
 ``...to_k`` / ``to_v`` / ``to_out.0``                  ``key`` / ``value`` / ``proj_attn``
 ``...norm1.weight`` (any GroupNorm)                    ``.../norm1/scale``
+``bn.running_mean`` (FLUX.2's latent statistics)       ``bn/running_mean`` (also ``running_var``,
+                                                       ``num_batches_tracked``: int32 in JAX, int64 in torch)
 =====================================================  ==========================================================
 
 Conv weights go OIHW -> HWIO (``transpose(2, 3, 1, 0)``), Linear weights (out, in) -> (in, out); biases and norm
@@ -30,7 +32,8 @@ import numpy as np
 
 from klvae.config import AutoencoderKLConfig
 from klvae.errors import WeightsError
-from klvae.weights.layout import Shape, check_shapes, rename_legacy_attention_keys, state_dict_shapes
+from klvae.weights.layout import (BATCH_NORM_KEYS, Shape, check_shapes, rename_legacy_attention_keys,
+                                  state_dict_shapes)
 
 FlaxPath = tuple[str, ...]
 
@@ -39,8 +42,8 @@ _LIST_MODULES = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", 
 # Attention projections: canonical name -> Flax name.
 _ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 # Leaf kinds and the axis permutation taking the canonical array to the Flax one.
-_PERMUTATIONS = {"conv": (2, 3, 1, 0), "linear": (1, 0), "scale": None, "bias": None}
-_INVERSE = {"conv": (3, 2, 0, 1), "linear": (1, 0), "scale": None, "bias": None}
+_PERMUTATIONS = {"conv": (2, 3, 1, 0), "linear": (1, 0), "scale": None, "bias": None, "buffer": None}
+_INVERSE = {"conv": (3, 2, 0, 1), "linear": (1, 0), "scale": None, "bias": None, "buffer": None}
 
 _DTYPE_NAMES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
                 "half": np.float16, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
@@ -52,7 +55,7 @@ class ParamRule:
     """Where one canonical tensor lives in the Flax tree and how its axes move."""
 
     path: FlaxPath   # e.g. ("encoder", "conv_in", "kernel")
-    kind: str        # "conv", "linear", "scale" or "bias"
+    kind: str        # "conv", "linear", "scale", "bias" or "buffer" (statistics, kept by name)
     shape: Shape     # the Flax shape
 
     @property
@@ -108,6 +111,8 @@ def flax_module_path(module: str) -> FlaxPath:
 def _rule(key: str, shape: Shape) -> ParamRule:
     module, leaf = key.rsplit(".", 1)
     path = flax_module_path(module)
+    if key in BATCH_NORM_KEYS:
+        return ParamRule(path + (leaf,), "buffer", tuple(shape))
     if leaf == "bias":
         kind = "bias"
     elif len(shape) == 4:
@@ -133,7 +138,7 @@ def canonical_to_flax(state_dict: Mapping[str, Any], config: AutoencoderKLConfig
     shapes must match ``config`` exactly. ``dtype=None`` keeps each tensor's dtype (fp16 and bf16 included);
     otherwise every tensor is cast to ``dtype`` (fp16/bf16 -> fp32 is exact).
     """
-    arrays = {k: to_numpy(v, k, source) for k, v in state_dict.items()}
+    arrays = {k: to_numpy(v, k, source, integers=k in BATCH_NORM_KEYS) for k, v in state_dict.items()}
     renames = rename_legacy_attention_keys(list(arrays))
     if renames:
         arrays = {renames.get(k, k): v for k, v in arrays.items()}
@@ -163,7 +168,10 @@ def flax_to_canonical(params: Mapping[str, Any], config: AutoencoderKLConfig, *,
     target = as_numpy_dtype(dtype)
     out: dict[str, np.ndarray] = {}
     for key, rule in table.items():
-        value = _cast(to_numpy(flat[rule.path], rule.key, source), target, rule.key, source)
+        value = _cast(to_numpy(flat[rule.path], rule.key, source, integers=rule.kind == "buffer"), target,
+                      rule.key, source)
+        if value.dtype.kind in "iu":  # a counter (num_batches_tracked): torch keeps it as int64
+            value = value.astype(np.int64)
         perm = _INVERSE[rule.kind]
         out[key] = np.ascontiguousarray(value.transpose(perm)) if perm else value.copy()
     return out
@@ -205,8 +213,9 @@ def _insert(tree: dict[str, Any], path: FlaxPath, value: Any) -> None:
     node[path[-1]] = value
 
 
-def to_numpy(value: Any, key: str = "tensor", source: str = "state_dict") -> np.ndarray:
-    """A host numpy array from a numpy/jax array or a torch tensor (bf16 kept as ml_dtypes.bfloat16)."""
+def to_numpy(value: Any, key: str = "tensor", source: str = "state_dict", integers: bool = False) -> np.ndarray:
+    """A host numpy array from a numpy/jax array or a torch tensor (bf16 kept as ml_dtypes.bfloat16);
+    ``integers`` admits integer arrays (counters such as ``bn.num_batches_tracked``)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
         tensor = value.detach().cpu()
         if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bf16: widen exactly, then narrow exactly
@@ -216,13 +225,15 @@ def to_numpy(value: Any, key: str = "tensor", source: str = "state_dict") -> np.
         array = np.asarray(value)
     except Exception as e:
         raise WeightsError(f"{source}: {key}: cannot read as an array ({type(e).__name__}: {e})") from None
+    if integers and array.dtype.kind in "iu":
+        return array
     if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
         raise WeightsError(f"{source}: {key}: expected floating-point weights, found dtype {array.dtype}")
     return array
 
 
 def _cast(array: np.ndarray, dtype: np.dtype | None, key: str, source: str) -> np.ndarray:
-    if dtype is None or array.dtype == dtype:
+    if dtype is None or array.dtype == dtype or array.dtype.kind in "iu":  # counters keep their integer type
         return array
     if dtype.kind != "f" and dtype != ml_dtypes.bfloat16:
         raise WeightsError(f"{source}: {key}: cannot cast weights to non-float dtype {dtype}")
