@@ -1,7 +1,8 @@
 """Latent files: safetensors with a ``klvae_latents`` JSON metadata entry saying how the latents were made.
 
 The metadata records the model (name, backend, dtype, config), whether latent scaling was applied
-(``scaled``) and with which factors (``scaling``), and for a single image its ``source_size`` (height, width
+(``scaled``) and with which convention (``scaling``: :class:`klvae.latents.LatentScaling`'s fields, FLUX.2's
+BatchNorm statistics and patch size included), and for a single image its ``source_size`` (height, width
 before padding to the model's factor), so ``klvae decode`` can undo the scaling and crop back. Latent cache
 shards (:mod:`klvae.cache`) carry the same entry. Files without it (latents saved by other tools) read too.
 """
@@ -18,7 +19,6 @@ from klvae.errors import KLVAEError
 from klvae.fileio import atomic_write_with
 
 METADATA_KEY = "klvae_latents"
-SCALING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -26,26 +26,17 @@ class LatentFileError(KLVAEError):
     """A latent file cannot be read: missing, not a latent format, corrupt metadata, or empty."""
 
 
-def scaling_of(config: Any) -> dict[str, Any]:
-    """The latent-scaling fields of a config, as plain JSON values."""
-    out = {}
-    for name in SCALING_FIELDS:
-        value = config[name] if name in config else None
-        out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def model_metadata(runner: Any) -> dict[str, Any]:
     """What an output file records about the model that made it (``runner``: a loaded model with ``source``,
     ``backend``, ``dtype`` and ``config``, such as :class:`klvae.cli.common.Runner`)."""
     return {"model": runner.source.name, "backend": runner.backend, "dtype": runner.dtype,
-            "config": runner.config.to_dict()}
+            "config": runner.config.to_diffusers_dict()}
 
 
 def latent_metadata(runner: Any, scaled: bool, **extra: Any) -> dict[str, Any]:
     from klvae import __version__
 
-    return {**model_metadata(runner), "scaled": scaled, "scaling": scaling_of(runner.config),
+    return {**model_metadata(runner), "scaled": scaled, "scaling": runner.scaling.to_dict(),
             "klvae_version": __version__, **extra}
 
 

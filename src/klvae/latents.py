@@ -92,6 +92,16 @@ class LatentScaling:
             z = z / s
         return unpatchify(z, self.patch_size) if self.patch_size is not None else z
 
+    def scale_logvar(self, logvar: Array) -> Array:
+        """The posterior's log-variance in the scaled space (so scaled mean and log-variance sample together):
+        patchified like the latents, plus ``2 log(s / std)`` per channel (``2 log |s|`` for scalar rules)."""
+        if self.patch_size is not None:
+            logvar = patchify(logvar, self.patch_size)
+        if self.latents_mean is not None:
+            return logvar + _per_channel([2 * math.log(abs(self.scaling_factor) / v) for v in self.latents_std],
+                                         logvar)
+        return logvar + 2 * math.log(abs(self.scaling_factor))
+
     def scaled_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape :meth:`scale` gives latents of (B, C, h, w) ``shape``."""
         if self.patch_size is None:

@@ -84,13 +84,12 @@ class _Group:
 
 def manifest(settings: CacheSettings, runner: Any, buckets: list[tuple[int, int]]) -> dict[str, Any]:
     """What a restart must agree with: the model and everything that changes the stored latents."""
-    from klvae.latentfile import scaling_of
 
     return {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "model": runner.source.name,
             "backend": runner.backend, "dtype": runner.dtype, "config": runner.config.to_dict(),
             "resolution": settings.resolution, "aspect_buckets": settings.aspect_buckets,
             "buckets": [list(b) for b in buckets], "flip": settings.flip, "moments": settings.moments,
-            "scaled": settings.scaled, "scaling": scaling_of(runner.config), "save_dtype": settings.save_dtype,
+            "scaled": settings.scaled, "scaling": runner.scaling.to_dict(), "save_dtype": settings.save_dtype,
             "posterior": "mode"}
 
 
@@ -106,7 +105,7 @@ def run_cache(settings: CacheSettings, runner: Any) -> Summary:
 
 
 def _check(settings: CacheSettings, runner: Any) -> None:
-    f = runner.factor
+    f = runner.pixel_multiple(settings.scaled)
     if settings.bucket_step % f:
         raise KLVAEError(f"--bucket-step {settings.bucket_step} must be a multiple of the model's factor {f}")
     for name in ("batch_size", "shard_size", "workers"):
@@ -220,10 +219,11 @@ class _ShardWriter:
         self.dtype = SAVE_DTYPES[settings.save_dtype]
 
     def _latents(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from klvae.latents import scale_latents
-
         mean, logvar = self.runner.encode(x)
-        return (scale_latents(mean, self.runner.config) if self.settings.scaled else mean), logvar
+        if not self.settings.scaled:
+            return mean, logvar
+        scaling = self.runner.scaling  # scaled latents come with their log-variance in the same space
+        return scaling.scale(mean), scaling.scale_logvar(logvar)
 
     def add(self, batch: list[_Loaded]) -> None:
         x = np.stack([item.array for item in batch])

@@ -19,6 +19,7 @@ import numpy as np
 from klvae.cli.options import DTYPES
 from klvae.config import AutoencoderKLConfig
 from klvae.errors import KLVAEError
+from klvae.latents import LatentScaling, latent_scaling
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEFAULT_MODEL_NAME = "default"
@@ -72,6 +73,7 @@ class Runner:
     """A loaded model behind numpy in, numpy out. Subclasses implement one backend."""
 
     config: AutoencoderKLConfig
+    scaling: LatentScaling  # the model's latent convention (FLUX.2's comes from its weights)
     source: ModelSource
     backend: str
     dtype: str      # float32, float16 or bfloat16
@@ -89,6 +91,11 @@ class Runner:
     def factor(self) -> int:
         return self.config.downsample_factor
 
+    def pixel_multiple(self, scaled: bool) -> int:
+        """What image sides must be multiples of: the model's factor, times FLUX.2's latent patch when scaled."""
+        patch = self.scaling.patch_size if scaled else None
+        return self.factor * (patch[0] if patch else 1)
+
     def describe(self) -> str:
         return f"{self.source.name} ({self.backend}, {self.dtype}, {self.device})"
 
@@ -99,19 +106,20 @@ class TorchRunner(Runner):
     def __init__(self, source: ModelSource, dtype: str, device: str, tiling: str | None, model_config: str | None):
         import torch
 
-        from klvae.torch.model import AutoencoderKL
+        from klvae.torch import auto
 
         self.torch = torch
         self.source = source
         self.device = _torch_device(device)
         torch_dtype = getattr(torch, DTYPES[dtype])
         if source.kind == "file":
-            model = AutoencoderKL.from_single_file(source.location, config=model_config, torch_dtype=torch_dtype)
+            model = auto.from_single_file(source.location, config=model_config, torch_dtype=torch_dtype)
         else:
             _no_config_for_folders(model_config)
-            model = AutoencoderKL.from_pretrained(source.location, torch_dtype=torch_dtype)
+            model = auto.from_pretrained(source.location, torch_dtype=torch_dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.config = model.config
+        self.scaling = latent_scaling(model)
         self.dtype = DTYPES[dtype]
         if tiling is not None:
             from klvae.tiling import ALL_MODES, DEFAULT_MODE
@@ -170,7 +178,7 @@ class FlaxRunner(Runner):
             import jax
             import jax.numpy as jnp
 
-            from klvae.flax import FlaxAutoencoderKL
+            from klvae.flax import FlaxAutoencoderKL, auto
         except ImportError as e:
             raise CLIError(f"--backend flax needs jax and flax (pip install 'klvae[flax]'): {e}") from None
         self.jax = jax
@@ -180,10 +188,10 @@ class FlaxRunner(Runner):
         jdtype = getattr(jnp, self.dtype)
         options = dict(dtype=jdtype, param_dtype=jdtype)
         if source.kind == "file":
-            model, params = FlaxAutoencoderKL.from_single_file(source.location, config=model_config, **options)
+            model, params = auto.from_single_file(source.location, config=model_config, **options)
         else:
             _no_config_for_folders(model_config)
-            model, params = FlaxAutoencoderKL.from_pretrained(source.location, **options)
+            model, params = auto.from_pretrained(source.location, **options)
         mode = None
         if tiling is not None:
             mode = "blend" if tiling == "default" else tiling
@@ -193,6 +201,7 @@ class FlaxRunner(Runner):
                 raise CLIError(f"--tiling {tiling} with --backend flax: {e}") from None
         self.model = model
         self.config = model.config
+        self.scaling = latent_scaling(model, params)
         self.params = jax.device_put(params, self.device)
 
         def encode(p, x):

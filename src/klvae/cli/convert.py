@@ -62,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
         raise WeightsError(f"{args.output}: already exists (pass --overwrite to replace it)")
     if kind_out == "single-file" and not args.output.endswith(SINGLE_FILE_SUFFIXES):
         raise WeightsError(f"{args.output}: a single file needs one of the suffixes {', '.join(SINGLE_FILE_SUFFIXES)}")
+    from klvae.latents import describe_convention
+
     config, state_dict, dtype = _read(kind_in, args.input, args.config)
     if args.dtype:
         dtype = args.dtype
     _write(kind_out, args.output, config, state_dict, dtype, args.prefix, args.overwrite)
     print(f"{args.input} ({kind_in}) -> {args.output} ({kind_out}, {dtype or 'float32'}): "
-          f"{len(state_dict)} tensors, latent_channels={config.latent_channels}, "
-          f"scaling_factor={config.scaling_factor:g}, shift_factor={config.shift_factor}")
+          f"{len(state_dict)} tensors, {config.class_name}, latent_channels={config.latent_channels}, "
+          f"latents scaled {describe_convention(config)}")
     return 0
 
 
@@ -82,23 +84,23 @@ def _read(kind: str, source: str, config_arg: str | None):
     elif kind == "flax":
         config, tensors = _read_flax(source)
     else:
-        from klvae.config import AutoencoderKLConfig
+        from klvae.config import read_config_file
         from klvae.hub import resolve_pretrained
         from klvae.torch.loading import canonical_state_dict, load_weights_file
 
         config_path, weights_path = resolve_pretrained(source)
-        config = AutoencoderKLConfig.from_json_file(config_path)
+        config = read_config_file(config_path)
         tensors = canonical_state_dict(load_weights_file(weights_path), config, weights_path)
     dtypes = {str(v.dtype).removeprefix("torch.") for v in tensors.values() if v.is_floating_point()}
     return config, tensors, dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _read_flax(source: str):
-    from klvae.config import AutoencoderKLConfig
+    from klvae.config import read_config_file
     from klvae.errors import WeightsError
     from klvae.weights.flax import flax_to_canonical
 
-    config = AutoencoderKLConfig.from_json_file(os.path.join(source, "config.json"))
+    config = read_config_file(os.path.join(source, "config.json"))
     path = os.path.join(source, FLAX_WEIGHTS)
     try:
         from flax.serialization import msgpack_restore
@@ -134,11 +136,11 @@ def _write(kind: str, target: str, config, state_dict, dtype, prefix: str, overw
         if kind == "flax":
             _write_flax(tmp, config, state_dict, dtype)
         else:
+            from klvae.torch.auto import model_class
             from klvae.torch.loading import as_torch_dtype, build_from_state_dict
-            from klvae.torch.model import AutoencoderKL
 
-            model = build_from_state_dict(AutoencoderKL, config, state_dict, dtype=as_torch_dtype(dtype),
-                                          source=target)
+            model = build_from_state_dict(model_class(config.class_name), config, state_dict,
+                                          dtype=as_torch_dtype(dtype), source=target)
             model.save_pretrained(tmp)
 
 

@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
     from klvae.cli.common import CLIError, batches_by_shape, check_outputs, expand_inputs, load_runner, note
     from klvae.images import from_model_output, write_image
-    from klvae.latents import unscale_latents
     from klvae.progress import progress
 
     if args.batch_size < 1:
@@ -80,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, args.force)
     runner = load_runner(args)
     cfg = runner.config
+    # Unscale first (FLUX.2's convention also changes the shape), then check what the model takes.
+    items = [(path, name, i, _unscaled(path, z, meta, args.scaled, runner), meta)
+             for path, name, i, z, meta in items]
     for path, _, _, z, meta in items:
         if z.shape[0] != cfg.latent_channels:
             raise CLIError(f"{path}: latents have {z.shape[0]} channels; the model {runner.source.name} takes "
@@ -90,13 +92,7 @@ def run(args: argparse.Namespace) -> int:
     count = 0
     for batch in batches_by_shape(progress(jobs, len(jobs), "decode", args.quiet), lambda j: j[0][3].shape,
                                   args.batch_size):
-        zs = []
-        for (path, _, _, z, meta), _ in batch:
-            scaled = args.scaled if args.scaled is not None else bool(meta and meta.get("scaled"))
-            z = z.astype(np.float32)
-            zs.append(unscale_latents(z[None], meta["scaling"] if meta and "scaling" in meta else cfg)[0]
-                      if scaled else z)
-        images = runner.decode(np.stack(zs))
+        images = runner.decode(np.stack([z for (_, _, _, z, _), _ in batch]))
         os.makedirs(args.output, exist_ok=True)
         for ((path, _, _, z, meta), out), image in zip(batch, images):
             pixels = from_model_output(image)
@@ -107,6 +103,25 @@ def run(args: argparse.Namespace) -> int:
             count += 1
     note(f"decoded {count} latent(s) with {runner.describe()} -> {args.output}", args.quiet)
     return 0
+
+
+def _unscaled(path: str, z, meta, scaled_flag: bool | None, runner):
+    """Raw float32 latents: undo the convention the file's metadata records (else the model's) when scaled."""
+    import numpy as np
+
+    from klvae.cli.common import CLIError
+    from klvae.errors import KLVAEError
+    from klvae.latents import LatentScaling
+
+    z = z.astype(np.float32)
+    scaled = scaled_flag if scaled_flag is not None else bool(meta and meta.get("scaled"))
+    if not scaled:
+        return z
+    try:
+        scaling = LatentScaling.from_mapping(meta["scaling"]) if meta and "scaling" in meta else runner.scaling
+        return scaling.unscale(z[None])[0]
+    except (KLVAEError, TypeError, ValueError) as e:
+        raise CLIError(f"{path}: cannot undo the latent scaling ({e})") from None
 
 
 def _note_other_model(items, runner, quiet: bool) -> None:

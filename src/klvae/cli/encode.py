@@ -2,7 +2,8 @@
 
 Each file holds ``latents`` (1, c, h, w) and metadata: the model, whether latent scaling was applied
 (``--scaled``: what a diffusion model sees) or not (the default: raw ``encode`` output), the factors, and the
-image's size. Images of any size are padded (mirrored) to the model's factor; ``klvae decode`` crops back.
+image's size. Images of any size are padded (mirrored) to the model's factor (FLUX.2 with ``--scaled``: twice
+that, for its 2x2 latent patches); ``klvae decode`` crops back.
 OUT is a folder (``OUT/<name>.safetensors``), or for one image may be a ``.safetensors`` file.
 """
 
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder, or a .safetensors file "
                    "for a single image")
     p.add_argument("--scaled", action="store_true",
-                   help="apply the model's latent scaling (scaling_factor, shift_factor, latents_mean/std)")
+                   help="apply the model's latent scaling (scaling_factor, shift_factor, latents_mean/std; FLUX.2: "
+                        "2x2 patches normalised by its BatchNorm statistics)")
     p.add_argument("--sample", action="store_true", help="draw from the posterior instead of taking its mode")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--save-dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the stored latents")
@@ -49,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
                                   load_runner, note)
     from klvae.images import is_image_name, pad_to_multiple, read_image, to_channels, to_model_input
     from klvae.latentfile import STORAGE_DTYPES, latent_metadata, write_latents
-    from klvae.latents import scale_latents
     from klvae.progress import progress
 
     if args.batch_size < 1:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, args.force)
     check_images_readable(images)
     runner = load_runner(args)
-    cfg, factor = runner.config, runner.factor
+    cfg, factor = runner.config, runner.pixel_multiple(args.scaled)
     rng = np.random.default_rng(args.seed)
 
     def prepared():
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.sample:
             z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
         if args.scaled:
-            z = scale_latents(z, cfg)
+            z = runner.scaling.scale(z)
         for (path, out, size, x), latents in zip(batch, z):
             meta = latent_metadata(runner, args.scaled, source=os.path.basename(path), source_size=list(size),
                                    padded_size=list(x.shape[1:]),

@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def describe(model: str | None, model_config: str | None = None) -> dict[str, Any]:
     """Everything ``info`` reports, as plain data."""
     from klvae.cli.common import CLIError, model_source
+    from klvae.latents import describe_convention
     from klvae.weights.infer import matching_presets
-    from klvae.weights.layout import state_dict_shapes
+    from klvae.weights.layout import BATCH_NORM_KEYS, state_dict_shapes
 
     source = model_source(model)
     if source.kind == "file":
@@ -40,25 +41,28 @@ def describe(model: str | None, model_config: str | None = None) -> dict[str, An
     shapes = state_dict_shapes(config)
     count = {"encoder": 0, "decoder": 0}
     for key, shape in shapes.items():
-        count["encoder" if key.startswith(("encoder.", "quant_conv.")) else "decoder"] += math.prod(shape)
+        if key not in BATCH_NORM_KEYS:  # FLUX.2's latent statistics are buffers, not parameters
+            count["encoder" if key.startswith(("encoder.", "quant_conv.")) else "decoder"] += math.prod(shape)
+    dtypes = Counter({d: n for d, n in dtypes.items() if not d.startswith(("int", "I", "U"))})  # counters aside
     return {
-        "model": source.name, "location": source.location, "layout": layout,
+        "model": source.name, "location": source.location, "layout": layout, "class": config.class_name,
         "dtype": ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common()) if len(dtypes) > 1
         else next(iter(dtypes), "unknown"),
         "parameters": {"total": count["encoder"] + count["decoder"], **count},
         "downsample_factor": config.downsample_factor, "latent_channels": config.latent_channels,
+        "latent_convention": describe_convention(config),
         "matching_presets": matching_presets(config), "config": config.to_dict(),
     }
 
 
 def _folder(location: str, from_hub: bool):
-    from klvae.config import AutoencoderKLConfig
+    from klvae.config import read_config_file
     from klvae.hub import resolve_pretrained
     from klvae.weights.files import INDEX_SUFFIX, read_safetensors_header, shard_files
     from klvae.weights.layout import check_shapes, rename_legacy_attention_keys, state_dict_shapes
 
     config_path, weights_path = resolve_pretrained(location)
-    config = AutoencoderKLConfig.from_json_file(config_path)
+    config = read_config_file(config_path)
     files = shard_files(weights_path) if weights_path.endswith(INDEX_SUFFIX) else [weights_path]
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path in files:
@@ -102,10 +106,12 @@ def run(args: argparse.Namespace) -> int:
     p = info["parameters"]
     presets = ", ".join(info["matching_presets"]) or "none"
     print(f"model:       {info['model']}" + (f" ({info['location']})" if info["location"] != info["model"] else ""))
+    print(f"class:       {info['class']}")
     print(f"layout:      {info['layout']}")
     print(f"dtype:       {info['dtype']}")
     print(f"parameters:  {p['total']:,} (encoder {p['encoder']:,}, decoder {p['decoder']:,})")
-    print(f"latents:     {info['latent_channels']} channels, {info['downsample_factor']}x downsampling")
+    print(f"latents:     {info['latent_channels']} channels, {info['downsample_factor']}x downsampling; scaled: "
+          f"{info['latent_convention']}")
     print(f"presets with this architecture: {presets}")
     print("config:")
     for key, value in info["config"].items():

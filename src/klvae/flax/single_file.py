@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from klvae.config import AutoencoderKLConfig
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
 from klvae.weights.flax import as_numpy_dtype, canonical_to_flax, flax_to_canonical
@@ -26,8 +27,13 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None, *,
                      param_dtype: Any = jnp.float32, precision: Any = None, **kwargs: Any) -> tuple[Any, Any]:
     """``(model, params)`` from a single-file checkpoint; see :meth:`FlaxPretrainedMixin.from_single_file`."""
     options = {k: kwargs.pop(k) for k in _SOURCE_OPTIONS if k in kwargs}
-    weights = read_vae(path_or_url, config, framework="numpy", config_class=cls.config_class,
+    weights = read_vae(path_or_url, config, framework="numpy",
+                       config_class=cls.config_class if cls else AutoencoderKLConfig,
                        **{k: v for k, v in options.items() if v is not None})
+    if cls is None:  # the class the file holds
+        from klvae.flax.auto import model_class
+
+        cls = model_class(weights.config.class_name)
     params = canonical_to_flax(weights.state_dict, weights.config, dtype=as_numpy_dtype(jnp.dtype(param_dtype)),
                                source=weights.source)
     model = cls.from_config(weights.config, dtype=dtype, param_dtype=param_dtype, precision=precision, **kwargs)

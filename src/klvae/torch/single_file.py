@@ -22,7 +22,8 @@ _IGNORED_KWARGS = {"force_download", "proxies", "low_cpu_mem_usage", "disable_mm
 
 def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
                      torch_dtype: torch.dtype | str | None = None, **kwargs: Any):
-    """A ``cls`` model from a single-file checkpoint; see :meth:`PretrainedMixin.from_single_file`."""
+    """A ``cls`` model from a single-file checkpoint (``cls=None``: the class the file holds); see
+    :meth:`PretrainedMixin.from_single_file`."""
     options = {k: kwargs.pop(k) for k in ("subfolder", "cache_dir", "local_files_only", "revision", "token")
                if k in kwargs}
     if kwargs.pop("original_config", None) is not None:
@@ -31,8 +32,12 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
     unknown = set(kwargs) - _IGNORED_KWARGS
     if unknown:
         raise TypeError(f"from_single_file got unexpected arguments: {', '.join(sorted(unknown))}")
-    weights = read_vae(path_or_url, config, config_class=cls.config_class,
+    weights = read_vae(path_or_url, config, config_class=cls.config_class if cls else AutoencoderKLConfig,
                        **{k: v for k, v in options.items() if v is not None})
+    if cls is None:  # the class the file holds
+        from klvae.torch.auto import model_class
+
+        cls = model_class(weights.config.class_name)
     return build_from_state_dict(cls, weights.config, weights.state_dict, dtype=as_torch_dtype(torch_dtype),
                                  source=weights.source)
 

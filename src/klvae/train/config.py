@@ -42,6 +42,9 @@ class ModelSection:
     # of about 0. At 0 the sampling noise (std 1) swamps a new latent channel, and with a small KL weight the
     # encoder may never use it (a "dead" channel: posterior = prior); -6 starts the noise at std 0.05.
     posterior_logvar_init: float | None = None
+    # FLUX.2's VAE: fold each step's posterior means into its latent BatchNorm statistics (as its training did).
+    # Off by default: fine-tuning keeps the statistics the transformer was trained with.
+    update_latent_statistics: bool = False
 
 
 def posterior_logvar_bias(config) -> tuple[str, slice]:

@@ -25,9 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from klvae.config import resolve_config
+from klvae.errors import ConfigError
 from klvae.fileio import atomic_write_bytes
 from klvae.train.config import TrainConfig, dump_train_config, posterior_logvar_bias
 from klvae.train.data import ImageFolder, load_eval_images, to_model_input, to_uint8
+from klvae.torch import auto
 from klvae.torch.model import AutoencoderKL
 from klvae.torch.outputs import DiagonalGaussianDistribution
 from klvae.torch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -40,17 +42,18 @@ from klvae.torch.train.metrics import psnr, ssim, to_unit
 def build_model(config: TrainConfig) -> AutoencoderKL:
     """The model a config names: a pretrained folder/file (fine-tuning) or a fresh one from preset + overrides."""
     m = config.model
-    if m.pretrained:
+    if m.pretrained:                           # AutoencoderKL or FLUX.2's VAE, whichever the folder/file holds
         if os.path.isfile(m.pretrained):
-            model = AutoencoderKL.from_single_file(m.pretrained, config=m.config or None)
+            model = auto.from_single_file(m.pretrained, config=m.config or None)
         else:                                  # a diffusers folder, or a hub repo id
-            model = AutoencoderKL.from_pretrained(m.pretrained)
+            model = auto.from_pretrained(m.pretrained)
         if m.config and not os.path.isfile(m.pretrained):
             warnings.warn("[model] config overrides are ignored when loading a pretrained folder", stacklevel=2)
         model = model.float()
     else:
         torch.manual_seed(config.train.seed)
-        model = AutoencoderKL(config=resolve_config(m.preset, **m.config))
+        fresh = resolve_config(m.preset, strict=False, **m.config)
+        model = auto.model_class(fresh.class_name)(config=fresh)
         if m.posterior_logvar_init is not None:
             key, channels = posterior_logvar_bias(model.config)
             with torch.no_grad():
@@ -94,6 +97,9 @@ class Trainer:
         self.output_dir = c.train.output_dir
 
         self.model = build_model(c).to(self.device)
+        if c.model.update_latent_statistics and not hasattr(self.model, "update_latent_statistics"):
+            raise ConfigError(f"[model] update_latent_statistics applies to FLUX.2's VAE (AutoencoderKLFlux2) only; "
+                              f"this model is an {self.model.config.class_name}")
         if c.model.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         if c.model.train_decoder_only:
@@ -243,6 +249,8 @@ class Trainer:
                     self.loss_discriminator().requires_grad_(False)
                 with self._autocast():
                     posterior, x_rec = self._forward(x, gen)
+                if c.model.update_latent_statistics:
+                    self.model.update_latent_statistics(posterior.mean.detach())
                     loss, logs = self.loss.autoencoder_loss(x, x_rec, posterior, step,
                                                             last_layer=self.model.decoder.conv_out.weight)
                 (loss / accum).backward()
