@@ -249,11 +249,11 @@ class Trainer:
                     self.loss_discriminator().requires_grad_(False)
                 with self._autocast():
                     posterior, x_rec = self._forward(x, gen)
-                if c.model.update_latent_statistics:
-                    self.model.update_latent_statistics(posterior.mean.detach())
                     loss, logs = self.loss.autoencoder_loss(x, x_rec, posterior, step,
                                                             last_layer=self.model.decoder.conv_out.weight)
                 (loss / accum).backward()
+                if c.model.update_latent_statistics:  # FLUX.2: fold the posterior means into its latent statistics
+                    self.model.update_latent_statistics(posterior.mean.detach().float())
             if gan:
                 self.loss_discriminator().requires_grad_(True)
                 with (contextlib.nullcontext() if sync or not self.distributed else self.ddp_disc.no_sync()):
