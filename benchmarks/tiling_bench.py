@@ -1,5 +1,6 @@
 """Time and peak RSS of decode/encode against resolution: klvae untiled, blend and exact tiling, and diffusers
-untiled and tiled, with the same (seeded random) SD-config weights, fp32, on the CPU.
+untiled and tiled, with the same (seeded random) weights, fp32, on the CPU: SD's architecture (``--arch sd``,
+the default) or FLUX.2's (``--arch flux2``: AutoencoderKLFlux2 against diffusers' AutoencoderKLFlux2).
 
 Every configuration runs in its own subprocess, so each peak RSS belongs to one operation alone:
 
@@ -10,6 +11,13 @@ Every configuration runs in its own subprocess, so each peak RSS belongs to one 
 and resumed. Each run saves its output under ``--outputs`` (``.npy``) so that ``table`` can report the relative
 error of every result against klvae's untiled one of the same size (where that run fitted in memory).
 One run by hand: ``python benchmarks/tiling_bench.py run --impl klvae --mode exact --op decode --size 1024``.
+FLUX.2, where diffusers' tiles follow its sample_size of 1024 (a user must set 512 to tile a 1024 image):
+
+    python benchmarks/tiling_bench.py sweep --arch flux2 --sizes 1024,2048 --ops decode \
+        --runs klvae:untiled,klvae:exact,diffusers:untiled --log benchmarks/flux2_results.jsonl
+    python benchmarks/tiling_bench.py sweep --arch flux2 --sizes 1024,2048 --ops decode --runs diffusers:tiled \
+        --tile 512 --log benchmarks/flux2_results.jsonl
+    python benchmarks/tiling_bench.py table --log benchmarks/flux2_results.jsonl
 """
 
 from __future__ import annotations
@@ -26,8 +34,17 @@ import time
 SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
                  norm_num_groups=32, sample_size=512)
+# (klvae class, diffusers class, config fields) per architecture; FLUX.2's fields are its classes' defaults.
+ARCHS = {"sd": ("AutoencoderKL", "AutoencoderKL", SD_CONFIG), "flux2": ("AutoencoderKLFlux2", "AutoencoderKLFlux2", {})}
 RUNS = [("klvae", "untiled"), ("klvae", "exact"), ("klvae", "blend"), ("diffusers", "untiled"),
         ("diffusers", "tiled")]
+
+
+def _config(arch: str):
+    import klvae
+
+    ours, _, fields = ARCHS[arch]
+    return getattr(klvae, ours).config_class(**fields)
 
 
 def _rss_kib() -> int:
@@ -43,10 +60,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _inputs(op: str, size: int, torch):
+def _inputs(op: str, size: int, torch, latent_channels: int = 4):
     g = torch.Generator().manual_seed(1234)
     if op == "decode":
-        return torch.randn(1, 4, size // 8, size // 8, generator=g)
+        return torch.randn(1, latent_channels, size // 8, size // 8, generator=g)
     # A smooth synthetic picture in [-1, 1]: gradients, rings and a few discs.
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     r = (xx ** 2 + yy ** 2).sqrt()
@@ -59,21 +76,21 @@ def _inputs(op: str, size: int, torch):
 def run_one(args) -> dict:
     import torch
 
+    import klvae
+
     torch.manual_seed(0)
+    ours_name, theirs_name, fields = ARCHS[args.arch]
+    ours = getattr(klvae, ours_name)(**fields).eval()
     if args.impl == "klvae":
-        from klvae.torch.model import AutoencoderKL
-
-        model = AutoencoderKL(**SD_CONFIG).eval()
+        model = ours
     else:
-        from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+        import diffusers
 
-        from klvae.torch.model import AutoencoderKL
-
-        ours = AutoencoderKL(**SD_CONFIG)  # the same seeded weights, through the shared state_dict layout
-        model = DiffusersAutoencoderKL(**SD_CONFIG).eval()
-        model.load_state_dict(ours.state_dict())
+        model = getattr(diffusers, theirs_name)(**fields).eval()
+        model.load_state_dict(ours.state_dict())  # the same seeded weights, through the shared state_dict layout
         del ours
-    x = _inputs(args.op, args.size, torch)
+    f = 2 ** (len(model.config.block_out_channels) - 1)
+    x = _inputs(args.op, args.size, torch, model.config.latent_channels)
     tiled = args.mode != "untiled"
     if tiled:
         kwargs = {} if args.impl == "diffusers" else {"mode": args.mode}
@@ -81,7 +98,7 @@ def run_one(args) -> dict:
             kwargs["memory_limit"] = args.memory_limit
         model.enable_tiling(**kwargs)
         if args.tile:
-            model.tile_sample_min_size, model.tile_latent_min_size = args.tile, args.tile // 8
+            model.tile_sample_min_size, model.tile_latent_min_size = args.tile, args.tile // f
     warm = x[..., :64, :64] if args.op == "encode" else x[..., :8, :8]
     with torch.no_grad():
         (model.encode(warm) if args.op == "encode" else model.decode(warm))
@@ -93,7 +110,8 @@ def run_one(args) -> dict:
             out = model.encode(x).latent_dist.mean
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    record = dict(impl=args.impl, mode=args.mode, op=args.op, size=args.size, tile=args.tile or 512,
+    record = dict(arch=args.arch, impl=args.impl, mode=args.mode, op=args.op, size=args.size,
+                  tile=args.tile or _config(args.arch).sample_height_width[0],
                   memory_limit=args.memory_limit, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
                   base_rss_mib=round(base / 1024), threads=torch.get_num_threads(), torch=torch.__version__)
     if args.outputs:
@@ -106,11 +124,21 @@ def run_one(args) -> dict:
 
 def _output_name(r: dict) -> str:
     limit = f"_lim{r['memory_limit']:.3g}" if r.get("memory_limit") else ""
-    return f"{r['op']}_{r['size']}_{r['impl']}_{r['mode']}_t{r['tile']}{limit}.npy"
+    arch = "" if r.get("arch", "sd") == "sd" else f"{r['arch']}_"
+    return f"{arch}{r['op']}_{r['size']}_{r['impl']}_{r['mode']}_t{r['tile']}{limit}.npy"
 
 
 def _key(r: dict) -> tuple:
-    return r["impl"], r["mode"], r["op"], int(r["size"]), int(r.get("tile") or 512), r.get("memory_limit")
+    return (r["impl"], r["mode"], r["op"], int(r["size"]), int(r.get("tile") or 512), r.get("memory_limit"),
+            r.get("arch", "sd"))
+
+
+def _reference(latest: dict, r: dict) -> dict | None:
+    """klvae's untiled run of the same architecture, operation and size (at the default tile size)."""
+    for key, ref in latest.items():
+        if (key[:4], key[5:]) == (("klvae", "untiled", r["op"], r["size"]), (None, r.get("arch", "sd"))):
+            return ref
+    return None
 
 
 def _load(log: str) -> list[dict]:
@@ -127,19 +155,20 @@ def sweep(args) -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             for impl, mode in runs:
                 limit = args.memory_limit if (impl == "klvae" and mode == "exact") else None
-                key = (impl, mode, op, size, args.tile or 512, limit)
+                tile = args.tile or _config(args.arch).sample_height_width[0]
+                key = (impl, mode, op, size, tile, limit, args.arch)
                 if key in done and not args.again:
                     continue
-                cmd = [sys.executable, __file__, "run", "--impl", impl, "--mode", mode, "--op", op, "--size",
-                       str(size), "--outputs", args.outputs]
+                cmd = [sys.executable, __file__, "run", "--arch", args.arch, "--impl", impl, "--mode", mode, "--op",
+                       op, "--size", str(size), "--outputs", args.outputs]
                 if args.tile:
                     cmd += ["--tile", str(args.tile)]
                 if limit:
                     cmd += ["--memory-limit", str(limit)]
-                needed = _estimated_peak_bytes(impl, mode, op, size, limit)
+                needed = _estimated_peak_bytes(args.arch, impl, mode, op, size, limit)
                 available = _available_bytes()
                 if needed > 0.9 * available:  # do not push the machine (shared) into the OOM killer
-                    record = dict(impl=impl, mode=mode, op=op, size=size, tile=args.tile or 512, memory_limit=limit,
+                    record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
                                   error=f"not run: needs about {needed / 2**30:.1f} GiB, "
                                         f"{available / 2**30:.1f} GiB available", returncode=None)
                     proc = None
@@ -149,7 +178,7 @@ def sweep(args) -> None:
                 if proc is None:
                     pass
                 elif proc.returncode != 0:
-                    record = dict(impl=impl, mode=mode, op=op, size=size, tile=args.tile or 512, memory_limit=limit,
+                    record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
                                   error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
                                   returncode=proc.returncode)
                 else:
@@ -169,12 +198,11 @@ def _available_bytes() -> int:
     return 1 << 62
 
 
-def _estimated_peak_bytes(impl: str, mode: str, op: str, size: int, limit: float | None) -> float:
+def _estimated_peak_bytes(arch: str, impl: str, mode: str, op: str, size: int, limit: float | None) -> float:
     """A rough peak (model and libraries included) to decide whether a run can fit the machine now."""
-    from klvae.config import AutoencoderKLConfig
     from klvae.tiling_plan import plan_exact, untiled_estimate
 
-    config = AutoencoderKLConfig(**SD_CONFIG)
+    config = _config(arch)
     latent = (size // 8, size // 8)
     if mode == "untiled":
         peak = untiled_estimate(config, op, latent, 1, 4)[0]
@@ -194,7 +222,7 @@ def table(args) -> None:
         latest[_key(r)] = r
 
     def rel_err(r: dict) -> str:
-        ref = latest.get(("klvae", "untiled", r["op"], r["size"], r.get("tile") or 512, None))
+        ref = _reference(latest, r)
         if ref is None or "seconds" not in ref or "seconds" not in r:
             return "-"
         try:
@@ -207,10 +235,12 @@ def table(args) -> None:
     print("| op | size | implementation | mode | time s | x untiled | peak RSS MiB | x untiled | "
           "rel. err vs untiled |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for key in sorted(latest, key=lambda k: (k[2], k[3], RUNS.index((k[0], k[1])) if (k[0], k[1]) in RUNS else 9)):
+    for key in sorted(latest, key=lambda k: (k[6], k[2], k[3], RUNS.index((k[0], k[1])) if (k[0], k[1]) in RUNS
+                                             else 9, k[4])):
         r = latest[key]
-        ref = latest.get(("klvae", "untiled", r["op"], r["size"], r.get("tile") or 512, None))
+        ref = _reference(latest, r)
         mode = r["mode"] + (f" (limit {r['memory_limit'] / 2**30:.1f} GiB)" if r.get("memory_limit") else "")
+        mode += f", tile {r['tile']}" if r["mode"] != "untiled" else ""
         if "error" in r:
             print(f"| {r['op']} | {r['size']} | {r['impl']} | {mode} | failed: {r['error'][:60]} | | | | |")
             continue
@@ -226,14 +256,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run", help="one measurement in this process; prints a JSON line")
+    one.add_argument("--arch", choices=tuple(ARCHS), default="sd")
     one.add_argument("--impl", choices=("klvae", "diffusers"), required=True)
     one.add_argument("--mode", choices=("untiled", "exact", "blend", "tiled", "auto"), required=True)
     one.add_argument("--op", choices=("decode", "encode"), required=True)
     one.add_argument("--size", type=int, required=True)
-    one.add_argument("--tile", type=int, default=0, help="tile_sample_min_size (default: 512, the config's)")
+    one.add_argument("--tile", type=int, default=0, help="tile_sample_min_size (default: the config's sample_size)")
     one.add_argument("--memory-limit", type=float, default=None)
     one.add_argument("--outputs", default="")
     many = sub.add_parser("sweep", help="every configuration, one subprocess each, appended to --log")
+    many.add_argument("--arch", choices=tuple(ARCHS), default="sd")
     many.add_argument("--sizes", default="512,1024,2048")
     many.add_argument("--ops", default="decode,encode")
     many.add_argument("--runs", default="", help="impl:mode,... (default: all five)")
