@@ -290,3 +290,19 @@ def test_trainer_keeps_statistics_unless_asked(tmp_path):
     assert not torch.equal(before["running_mean"], t.model.bn.running_mean)
     with pytest.raises(ConfigError, match="FLUX.2's VAE"):
         Trainer(_config(tmp_path / "c", model={"update_latent_statistics": True}), resume=False)
+
+
+def test_default_tiling_splits_a_1024_image_unlike_diffusers_sample_size_tiles():
+    """FLUX.2's sample_size is 1024, so diffusers' enable_tiling() leaves a 1024x1024 image whole; klvae's exact
+    plan splits it (the untiled output in less memory), and "auto" splits it when memory is short."""
+    from klvae.tiling import exact_plan_for, fits_untiled
+    from klvae.tiling_plan import untiled_estimate
+
+    config, latent = preset("flux2"), (128, 128)
+    untiled_peak = untiled_estimate(config, "decode", latent, 1, 4)[0]
+    plan = exact_plan_for(config, "decode", latent, 1, 4, 1024, None, 16 << 30)
+    assert plan.grid.count > 1 and plan.peak_bytes <= 0.5 * untiled_peak
+    assert exact_plan_for(config, "decode", (64, 64), 1, 4, 1024, None, 16 << 30).grid.count == 1   # 512 px: whole
+    assert fits_untiled(config, "decode", latent, 1, 4, None, 64 << 30)
+    assert not fits_untiled(config, "decode", latent, 1, 4, None, untiled_peak)        # auto tiles when short
+    assert exact_plan_for(config, "decode", latent, 1, 4, 2048, None, 16 << 30).grid.count == 1      # user's tile wins

@@ -28,6 +28,10 @@ DEFAULT_MODE = "exact"
 # Exact tiles are at most this many pixels wide: the plan keeps about one tile's worth of data beyond the
 # stored activations, and on CPU and GPU alike a 256-pixel tile is large enough to run convolutions at speed.
 EXACT_TILE_SIZE = 256
+# With the tile size left at the config's sample_size, exact plans split inputs larger than this many pixels: a
+# sample_size of 1024 (SDXL, SD3, FLUX, FLUX.2) would otherwise leave a 1024x1024 image, where memory runs out
+# (FLUX.2's decode: 4.6 GB in fp32), in one piece.
+EXACT_MAX_UNTILED = 512
 # Without a memory_limit, exact plans stay within this fraction of the memory available when they are made.
 DEFAULT_MEMORY_FRACTION = 0.5
 # "auto" runs untiled when the estimate fits this fraction of the available memory (estimates are +-20%).
@@ -53,10 +57,14 @@ def host_available_memory() -> int | None:
 def exact_plan_for(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
                    tile_sample_min_size: int, memory_limit: float | None, available: int | None) -> ExactPlan:
     """Each backend's exact plan: inputs no larger than ``tile_sample_min_size`` pixels get a one-tile plan
-    (they run untiled); larger ones tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels.
-    ``memory_limit`` defaults to ``DEFAULT_MEMORY_FRACTION`` of ``available`` (bytes free now, None: unknown)."""
+    (they run untiled); larger ones tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels. A
+    ``tile_sample_min_size`` equal to the config's sample_size (the default) counts as at most
+    ``EXACT_MAX_UNTILED``. ``memory_limit`` defaults to ``DEFAULT_MEMORY_FRACTION`` of ``available`` (bytes free
+    now, None: unknown)."""
     f = config.downsample_factor
     tile = tile_sample_min_size
+    if tile == config.sample_height_width[0]:
+        tile = min(tile, EXACT_MAX_UNTILED)
     if max(latent_hw) > tile // f:
         tile = min(tile, max(EXACT_TILE_SIZE // f * f, f))
     if memory_limit is None and available is not None:
