@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from klvae.config import AutoencoderKLFlux2Config
 from klvae.flax.layers import Dtype
-from klvae.flax.model import FlaxAutoencoderKL
+from klvae.flax.model import FlaxAutoencoderKL, config_fields_module
 
 
 class FlaxLatentStatistics(nn.Module):
@@ -35,25 +35,12 @@ class FlaxLatentStatistics(nn.Module):
         return self.running_mean, self.running_var
 
 
-class FlaxAutoencoderKLFlux2(FlaxAutoencoderKL):
+class FlaxAutoencoderKLFlux2(config_fields_module(AutoencoderKLFlux2Config, FlaxAutoencoderKL)):
     """FLUX.2's autoencoder as a Flax linen module; fields and defaults as :class:`AutoencoderKLFlux2Config`.
 
     ``FlaxAutoencoderKLFlux2.from_pretrained(folder)`` and ``.from_single_file("ae.safetensors")`` return
     ``(model, params)`` as for :class:`FlaxAutoencoderKL`; everything else (tiling, slicing, jit) is the same.
     """
-
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    latent_channels: int = 32
-    sample_size: int | tuple[int, ...] = 1024
-    scaling_factor: float | None = None
-    force_upcast: bool | None = None
-    decoder_block_out_channels: tuple[int, ...] | None = None
-    batch_norm_eps: float = 1e-4
-    batch_norm_momentum: float = 0.1
-    patch_size: tuple[int, ...] = (2, 2)
 
     config_class = AutoencoderKLFlux2Config
 

@@ -29,18 +29,28 @@ _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "la
                  "decoder_block_out_channels", "patch_size")
 
 
-class FlaxEncoder(nn.Module):
-    """(B, H, W, in_channels) images -> (B, H / f, W / f, 2 * latent_channels) moments (mean and log-variance)."""
+class _FlaxCoder(nn.Module):
+    """The config and numerics the encoder and decoder are built from, and their shared output head."""
 
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
 
+    def numerics(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """GroupNorm, SiLU, conv_out."""
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class FlaxEncoder(_FlaxCoder):
+    """(B, H, W, in_channels) images -> (B, H / f, W / f, 2 * latent_channels) moments (mean and log-variance)."""
+
     def setup(self) -> None:
         cfg = self.config
-        chans, groups = cfg.block_out_channels, cfg.norm_num_groups
-        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        chans, groups, numerics = cfg.block_out_channels, cfg.norm_num_groups, self.numerics()
         self.conv_in = conv(self, chans[0], 3)
         self.down_blocks = [
             FlaxDownEncoderBlock2D(chans[max(i - 1, 0)], c, cfg.layers_per_block, groups, cfg.act_fn,
@@ -54,22 +64,15 @@ class FlaxEncoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x, deterministic)
-        x = self.mid_block(x, deterministic)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.head(self.mid_block(x, deterministic))
 
 
-class FlaxDecoder(nn.Module):
+class FlaxDecoder(_FlaxCoder):
     """(B, h, w, latent_channels) latents -> (B, h * f, w * f, out_channels) images."""
-
-    config: AutoencoderKLConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Precision = None
 
     def setup(self) -> None:
         cfg = self.config
-        chans, groups = tuple(reversed(cfg.decoder_channels)), cfg.norm_num_groups
-        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        chans, groups, numerics = tuple(reversed(cfg.decoder_channels)), cfg.norm_num_groups, self.numerics()
         self.conv_in = conv(self, chans[0], 3)
         self.mid_block = FlaxUNetMidBlock2D(chans[0], groups, cfg.act_fn, cfg.mid_block_add_attention, **numerics)
         self.up_blocks = [
@@ -84,13 +87,23 @@ class FlaxDecoder(nn.Module):
         x = self.mid_block(x, deterministic)
         for block in self.up_blocks:
             x = block(x, deterministic)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.head(x)
 
 
-class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
+def config_fields_module(config_class: type[AutoencoderKLConfig], base: type[nn.Module]) -> type[nn.Module]:
+    """A linen module class, subclass of ``base``, whose fields are ``config_class``'s (same names, annotations and
+    defaults): the Flax models declare the shared config's fields through this, never by hand."""
+    fields = dataclasses.fields(config_class)
+    namespace = {"__module__": __name__, "__annotations__": {f.name: f.type for f in fields},
+                 **{f.name: f.default for f in fields}}
+    return type(f"{config_class.__name__}Fields", (base,), namespace)
+
+
+class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLConfig, nn.Module)):
     """The KL-regularised autoencoder of latent diffusion as a Flax linen module, with the PyTorch weights.
 
-    Fields are the shared config's (:class:`~klvae.config.AutoencoderKLConfig`) plus the numerics: ``dtype``
+    Fields are the shared config's (:class:`~klvae.config.AutoencoderKLConfig`'s, declared from it) plus the
+    numerics: ``dtype``
     (compute), ``param_dtype`` (parameter storage) and ``precision`` (convs and matmuls; ``"highest"`` for true
     float32 on GPU/TPU). Build from fields, with :meth:`from_config`, or load with :meth:`from_pretrained`, which
     returns ``(model, params)``. Images are (B, C, H, W) in [-1, 1]; latents (B, latent_channels, H / f, W / f).
@@ -101,24 +114,6 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
     immutable, so :meth:`with_slicing` and :meth:`with_tiling` return a configured copy (same params).
     """
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None
-    latents_std: tuple[float, ...] | None = None
-    force_upcast: bool = True
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
     # numerics
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -260,18 +255,21 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, nn.Module):
         return self.decoder(z, deterministic)
 
     def _encode_nhwc(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if self.use_tiling and self.tiling_mode != "blend":
-            return self._planned(FlaxAutoencoderKL._encode_moments, "encode", x, deterministic)
-        if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0]:
-            return self._blend_tiles(FlaxAutoencoderKL._encode_moments, x, self._encode_plan(), deterministic)
-        return self._encode_moments(x, deterministic)
+        return self._any_size("encode", x, deterministic)
 
     def _decode_nhwc(self, z: jax.Array, deterministic: bool) -> jax.Array:
+        return self._any_size("decode", z, deterministic)
+
+    def _any_size(self, kind: str, x: jax.Array, deterministic: bool) -> jax.Array:
+        """Encode or decode (``kind``) whole, in exact/auto tiles, or in blended tiles when larger than one."""
+        encode = kind == "encode"
+        method = FlaxAutoencoderKL._encode_moments if encode else FlaxAutoencoderKL._decode_latents
         if self.use_tiling and self.tiling_mode != "blend":
-            return self._planned(FlaxAutoencoderKL._decode_latents, "decode", z, deterministic)
-        if self.use_tiling and max(z.shape[1:3]) > self._tile_sizes()[1]:
-            return self._blend_tiles(FlaxAutoencoderKL._decode_latents, z, self._decode_plan(), deterministic)
-        return self._decode_latents(z, deterministic)
+            return self._planned(method, kind, x, deterministic)
+        if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0 if encode else 1]:
+            plan = self._encode_plan() if encode else self._decode_plan()
+            return self._blend_tiles(method, x, plan, deterministic)
+        return method(self, x, deterministic)
 
     def _sliced(self, method: Any, x: jax.Array, deterministic: bool) -> jax.Array:
         """``method(self, x)``, or with slicing one batch item at a time in a ``lax.map`` (a sequential loop)."""
