@@ -86,7 +86,7 @@ def _read(kind: str, source: str, config_arg: str | None):
     else:
         from klvae.config import read_config_file
         from klvae.hub import resolve_pretrained
-        from klvae.torch.loading import canonical_state_dict, load_weights_file
+        from klvae.torch.state_dict import canonical_state_dict, load_weights_file
 
         config_path, weights_path = resolve_pretrained(source)
         config = read_config_file(config_path)
@@ -137,7 +137,7 @@ def _write(kind: str, target: str, config, state_dict, dtype, prefix: str, overw
             _write_flax(tmp, config, state_dict, dtype)
         else:
             from klvae.torch.auto import model_class
-            from klvae.torch.loading import as_torch_dtype, build_from_state_dict
+            from klvae.torch.state_dict import as_torch_dtype, build_from_state_dict
 
             model = build_from_state_dict(model_class(config.class_name), config, state_dict,
                                           dtype=as_torch_dtype(dtype), source=target)

@@ -69,7 +69,7 @@ def _folder(location: str, from_hub: bool):
         if path.endswith(".safetensors"):
             found.update(read_safetensors_header(path))
         else:  # a legacy pickle: torch reads it, weights only
-            from klvae.torch.loading import load_weights_file
+            from klvae.torch.state_dict import load_weights_file
 
             found.update({k: (str(v.dtype).removeprefix("torch."), tuple(v.shape))
                           for k, v in load_weights_file(path).items()})

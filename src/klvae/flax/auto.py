@@ -29,4 +29,4 @@ def from_single_file(path: str | os.PathLike, config: Any = None, **kwargs: Any)
     """``(model, params)`` of the class the single file holds."""
     from klvae.flax.single_file import load_single_file
 
-    return load_single_file(None, path, config, **kwargs)
+    return load_single_file(None, path, config, choose_class=model_class, **kwargs)

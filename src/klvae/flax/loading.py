@@ -30,7 +30,7 @@ def load_numpy_weights(path: str) -> dict[str, np.ndarray]:
 
 def _load_pickle_as_numpy(path: str) -> dict[str, np.ndarray]:
     try:
-        from klvae.torch.loading import load_pickled_weights
+        from klvae.torch.state_dict import load_pickled_weights
     except ImportError:
         raise WeightsError(f"{path}: reading a PyTorch pickle needs torch; convert the folder to safetensors "
                            "(klvae's torch backend: AutoencoderKL.from_pretrained(...).save_pretrained(...))") from None

@@ -7,6 +7,7 @@ safetensors files need no torch, ``.ckpt``/``.pt``/``.bin`` pickles do (weights-
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,16 +25,15 @@ _SOURCE_OPTIONS = ("subfolder", "cache_dir", "local_files_only", "revision", "to
 
 
 def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None, *, dtype: Any = jnp.float32,
-                     param_dtype: Any = jnp.float32, precision: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-    """``(model, params)`` from a single-file checkpoint; see :meth:`FlaxPretrainedMixin.from_single_file`."""
+                     param_dtype: Any = jnp.float32, precision: Any = None,
+                     choose_class: Callable[[str], type] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """``(model, params)`` from a single-file checkpoint (``cls=None``: ``choose_class(class name the file
+    holds)``); see :meth:`FlaxPretrainedMixin.from_single_file`."""
     options = {k: kwargs.pop(k) for k in _SOURCE_OPTIONS if k in kwargs}
     weights = read_vae(path_or_url, config, framework="numpy",
                        config_class=cls.config_class if cls else AutoencoderKLConfig,
                        **{k: v for k, v in options.items() if v is not None})
-    if cls is None:  # the class the file holds
-        from klvae.flax.auto import model_class
-
-        cls = model_class(weights.config.class_name)
+    cls = cls or choose_class(weights.config.class_name)
     params = canonical_to_flax(weights.state_dict, weights.config, dtype=as_numpy_dtype(jnp.dtype(param_dtype)),
                                source=weights.source)
     model = cls.from_config(weights.config, dtype=dtype, param_dtype=param_dtype, precision=precision, **kwargs)

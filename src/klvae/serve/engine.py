@@ -29,7 +29,7 @@ class Engine:
     def from_folder(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
                     tiling: bool = False) -> Engine:
         """Load a diffusers-layout model folder (``config.json`` + weights). Only local folders are accepted."""
-        from klvae.torch.loading import as_torch_dtype
+        from klvae.torch.state_dict import as_torch_dtype
         from klvae.torch.model import AutoencoderKL
 
         folder = os.fspath(folder)

@@ -33,4 +33,4 @@ def from_single_file(path: str | os.PathLike, config: Any = None, torch_dtype: A
     """A model of the class the single file holds (FLUX.2's VAE or an AutoencoderKL)."""
     from klvae.torch.single_file import load_single_file
 
-    return load_single_file(None, path, config, torch_dtype, **kwargs)
+    return load_single_file(None, path, config, torch_dtype, choose_class=model_class, **kwargs)

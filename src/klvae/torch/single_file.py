@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from klvae.config import AutoencoderKLConfig
 from klvae.errors import WeightsError
 from klvae.fileio import atomic_write_with
-from klvae.torch.loading import as_torch_dtype, build_from_state_dict
+from klvae.torch.state_dict import as_torch_dtype, build_from_state_dict
 from klvae.weights.layout import check_shapes, state_dict_shapes
 from klvae.weights.original import VAE_PREFIXES, diffusers_to_original
 from klvae.weights.single_file import PICKLE_SUFFIXES, read_vae, single_file_metadata
@@ -21,9 +21,10 @@ _IGNORED_KWARGS = {"force_download", "proxies", "low_cpu_mem_usage", "disable_mm
 
 
 def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
-                     torch_dtype: torch.dtype | str | None = None, **kwargs: Any):
-    """A ``cls`` model from a single-file checkpoint (``cls=None``: the class the file holds); see
-    :meth:`PretrainedMixin.from_single_file`."""
+                     torch_dtype: torch.dtype | str | None = None, *,
+                     choose_class: Callable[[str], type] | None = None, **kwargs: Any):
+    """A ``cls`` model from a single-file checkpoint (``cls=None``: ``choose_class(class name the file holds)``);
+    see :meth:`PretrainedMixin.from_single_file`."""
     options = {k: kwargs.pop(k) for k in ("subfolder", "cache_dir", "local_files_only", "revision", "token")
                if k in kwargs}
     if kwargs.pop("original_config", None) is not None:
@@ -34,10 +35,7 @@ def load_single_file(cls, path_or_url: str | os.PathLike, config: Any = None,
         raise TypeError(f"from_single_file got unexpected arguments: {', '.join(sorted(unknown))}")
     weights = read_vae(path_or_url, config, config_class=cls.config_class if cls else AutoencoderKLConfig,
                        **{k: v for k, v in options.items() if v is not None})
-    if cls is None:  # the class the file holds
-        from klvae.torch.auto import model_class
-
-        cls = model_class(weights.config.class_name)
+    cls = cls or choose_class(weights.config.class_name)
     return build_from_state_dict(cls, weights.config, weights.state_dict, dtype=as_torch_dtype(torch_dtype),
                                  source=weights.source)
 

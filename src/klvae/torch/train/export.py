@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from klvae.torch.loading import as_torch_dtype
+from klvae.torch.state_dict import as_torch_dtype
 from klvae.torch.train.checkpoint import model_from_checkpoint, resolve_checkpoint
 
 
