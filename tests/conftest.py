@@ -64,6 +64,23 @@ def saved_model(tmp_path_factory, fields: dict, *, seed: int, scale: float = 0.1
     return str(path)
 
 
+def saved_model_fixtures(fields: dict, *, seed: int, scale: float = 0.05):
+    """A test module's ``model_dir`` (a saved klvae folder, see :func:`saved_model`) and ``model`` (loaded from
+    it, in eval mode) fixtures, module-scoped: ``model_dir, model = saved_model_fixtures(FIELDS, seed=3)``."""
+
+    @pytest.fixture(scope="module")
+    def model_dir(tmp_path_factory):
+        return saved_model(tmp_path_factory, fields, seed=seed, scale=scale)
+
+    @pytest.fixture(scope="module")
+    def model(model_dir):
+        import klvae
+
+        return klvae.AutoencoderKL.from_pretrained(model_dir).eval()
+
+    return model_dir, model
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_config_name(request) -> str:
     return request.param

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from conftest import saved_model_fixtures
 
-import klvae
 from klvae.cache import shards as sh
 from klvae.cache.buckets import BucketError, load_into_bucket, make_buckets, place
 from klvae.cache.sources import DatasetError, expand_braces, list_samples
@@ -26,16 +26,7 @@ SIZES = [(20, 20), (12, 30), (30, 13), (17, 25), (40, 40), (9, 9), (25, 17), (16
 BUCKET_ARGS = ["--resolution", "24", "--bucket-step", "8", "--max-aspect", "2"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from conftest import saved_model
-
-    return saved_model(tmp_path_factory, FIELDS, seed=3, scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return klvae.AutoencoderKL.from_pretrained(model_dir).eval()
+model_dir, model = saved_model_fixtures(FIELDS, seed=3)
 
 
 def make_images(n: int, seed: int = 0) -> list[tuple[str, bytes]]:

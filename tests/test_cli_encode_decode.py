@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from conftest import saved_model_fixtures
 
 import klvae
 from klvae.cli import main
@@ -21,16 +22,7 @@ FIELDS = dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBloc
               scaling_factor=1.5, shift_factor=0.25)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from conftest import saved_model
-
-    return saved_model(tmp_path_factory, FIELDS, seed=1, scale=0.05)
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return klvae.AutoencoderKL.from_pretrained(model_dir).eval()
+model_dir, model = saved_model_fixtures(FIELDS, seed=1)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import saved_model_fixtures
 
 import klvae
 from klvae.cli import main
@@ -19,11 +20,7 @@ FIELDS = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D"
               up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from conftest import saved_model
-
-    return saved_model(tmp_path_factory, FIELDS, seed=2, scale=0.05)
+model_dir, model = saved_model_fixtures(FIELDS, seed=2)
 
 
 def _smooth_image(path, h, w, seed):

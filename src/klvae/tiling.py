@@ -12,6 +12,9 @@ with a linear ramp, and is then cropped to ``row_limit`` output pixels.
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +39,8 @@ EXACT_MAX_UNTILED = 512
 DEFAULT_MEMORY_FRACTION = 0.5
 # "auto" runs untiled when the estimate fits this fraction of the available memory (estimates are +-20%).
 AUTO_MEMORY_FRACTION = 0.8
+
+T = TypeVar("T")
 
 
 def host_available_memory() -> int | None:
@@ -84,6 +89,46 @@ def fits_untiled(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, i
         memory_limit = AUTO_MEMORY_FRACTION * available
     peak, _ = untiled_estimate(config, kind, tuple(latent_hw), batch, itemsize)
     return peak <= memory_limit
+
+
+def run_planned(mode: str, config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int,
+                itemsize: int, tile_sample_min_size: int, memory_limit: float | None, *, untiled: Callable[[], T],
+                run_exact: Callable[[ExactPlan], T], available_memory: Callable[[], int | None],
+                is_out_of_memory: Callable[[BaseException], bool], release_memory: Callable[[], None] = lambda: None,
+                stacklevel: int = 2) -> T:
+    """"exact" or "auto" tiling, for any backend: ``untiled()`` where the plan (or, for auto, memory) allows,
+    else ``run_exact(plan)``.
+
+    "exact": the plan of :func:`exact_plan_for`; an input that fits one tile runs untiled. "auto": untiled when
+    the estimate fits (:func:`fits_untiled`), else exact tiling within ``memory_limit`` (default:
+    ``AUTO_MEMORY_FRACTION`` of ``available_memory()``); an out-of-memory error of the untiled attempt
+    (``MemoryError`` or ``is_out_of_memory``) falls back to exact tiling within half the limit (default: half the
+    memory available once ``release_memory()`` has freed what the failed attempt left), after leaving the
+    ``except`` block so that its tensors are freed first. ``stacklevel``: the "no plan fits" warning's, counted
+    from the caller of this function (1: that caller).
+    """
+    limit = memory_limit
+    if mode == "auto":
+        available = None if memory_limit is not None else available_memory()
+        if not fits_untiled(config, kind, latent_hw, batch, itemsize, memory_limit, available):
+            limit = AUTO_MEMORY_FRACTION * available if memory_limit is None else memory_limit
+        else:
+            try:
+                return untiled()
+            except (RuntimeError, MemoryError) as error:
+                if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+                    raise
+            release_memory()
+            retry_limit = available_memory() if memory_limit is None else memory_limit
+            limit = None if retry_limit is None else retry_limit / 2
+    plan = exact_plan_for(config, kind, latent_hw, batch, itemsize, tile_sample_min_size, limit,
+                          None if limit is not None else available_memory())
+    if plan.grid.count == 1:  # fits one tile: nothing to split
+        return untiled()
+    if limit is not None and plan.peak_bytes > limit:
+        warnings.warn(f"exact tiling: no plan found within memory_limit={limit:.3g} bytes; the leanest plan found "
+                      f"needs about {plan.peak_bytes:.3g}", ResourceWarning, stacklevel=stacklevel + 1)
+    return run_exact(plan)
 
 
 def merge_moments(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):

@@ -131,6 +131,18 @@ def fits_untiled(model: Any, x: jax.Array, kind: str, memory_limit: float | None
                                None if memory_limit is not None else available_memory(_device(x)))
 
 
+def run_planned(model: Any, x: jax.Array, kind: str, untiled: Callable[[], jax.Array],
+                run_exact: Callable[[ExactPlan], jax.Array], stacklevel: int = 2) -> jax.Array:
+    """The model's "exact" or "auto" tiling of NHWC ``x`` (:func:`klvae.tiling.run_planned`): ``untiled()`` where
+    the plan or memory allows, else ``run_exact(plan)``. A traced input never falls back after an error."""
+    return shared.run_planned(
+        model.tiling_mode, model.config, kind, _latent_hw(model, x, kind), x.shape[0], jnp.dtype(model.dtype).itemsize,
+        model._tile_sizes()[0], model.tiling_memory_limit, untiled=untiled, run_exact=run_exact,
+        available_memory=lambda: available_memory(_device(x)),
+        is_out_of_memory=lambda e: is_out_of_memory(e) and not isinstance(x, jax.core.Tracer),
+        stacklevel=stacklevel + 1)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
 

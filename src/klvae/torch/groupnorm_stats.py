@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from klvae.tiling import merge_moments
+from klvae.tiling_executor import GroupMoments
 
 
-class GroupNormStats:
+class GroupNormStats(GroupMoments):
     """Per-(batch, group) count, mean and sum of squared deviations of a tensor seen one tile at a time.
 
     Tiles are combined with Chan et al.'s parallel formula in float64 (:func:`klvae.tiling.merge_moments`): for parts a and b,
@@ -18,25 +18,16 @@ class GroupNormStats:
     GroupNorm computes, at its speed), so the result is the biased variance GroupNorm uses, over the whole tensor.
     """
 
-    def __init__(self, groups: int):
-        self.groups = groups
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+    def part_count(self, x: torch.Tensor) -> int:
+        return (x.shape[1] // self.groups) * x.shape[2] * x.shape[3]
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add a (B, C, h, w) tile (any strides) holding pixels not seen before."""
+    def part_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of a (B, C, h, w) tile (any strides)."""
         b, c = x.shape[:2]
-        n = (c // self.groups) * x.shape[2] * x.shape[3]
-        if n == 0:
-            return
         hw = x.shape[2] * x.shape[3]
         _, mean, rstd = torch.native_group_norm(x.contiguous(), None, None, b, c, hw, self.groups, 0.0)
-        mean, m2 = mean.double(), rstd.double().pow(-2) * n  # eps 0: rstd = var ** -0.5 (inf when var is 0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n, mean, m2)
+        # eps 0: rstd = var ** -0.5 (inf when var is 0)
+        return mean.double(), rstd.double().pow(-2) * self.part_count(x)
 
     def variance(self) -> torch.Tensor:
         if self.mean is None:

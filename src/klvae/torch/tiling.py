@@ -12,13 +12,12 @@ Three modes, one set of plain functions (the model's ``enable_tiling`` switch ca
 from __future__ import annotations
 
 import gc
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from klvae.tiling import (ALL_MODES, AUTO_MEMORY_FRACTION, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan,
-                          encode_plan, exact_plan_for, fits_untiled, host_available_memory)
+from klvae.tiling import (ALL_MODES, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan, exact_plan_for,
+                          host_available_memory, run_planned)
 from klvae.tiling_plan import ExactPlan
 from klvae.torch.exact_tiling import run_exact
 
@@ -56,10 +55,12 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
     if mode == "blend":
         make_plan, run = (decode_plan, model._decode_latents) if kind == "decode" else (encode_plan, model._encode_moments)
         return _blend_tiles(x, make_plan(tile, tile // f, overlap), run)
-    if mode == "exact":
-        return _exact(model, x, kind, tile, memory_limit)
-    if mode == "auto":
-        return _auto(model, x, kind, tile, memory_limit)
+    if mode in ("exact", "auto"):
+        return run_planned(mode, model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), tile,
+                           memory_limit, untiled=lambda: _untiled(model, x, kind),
+                           run_exact=lambda plan: _run_exact(model, plan, x),
+                           available_memory=lambda: available_memory(x.device), is_out_of_memory=is_out_of_memory,
+                           release_memory=lambda: _release_memory(x.device), stacklevel=3)
     raise ValueError(f"unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
@@ -82,17 +83,11 @@ def _untiled(model, x: torch.Tensor, kind: str) -> torch.Tensor:
     return model._decode_latents(x) if kind == "decode" else model._encode_moments(x)
 
 
-def _exact(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
-    plan = exact_plan(model, x, kind, tile, memory_limit)
-    if plan.grid.count == 1:  # fits one tile: nothing to split
-        return _untiled(model, x, kind)
+def _run_exact(model, plan: ExactPlan, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (model.training and
                                                          any(p.requires_grad for p in model.parameters()))):
         raise RuntimeError("exact tiling runs without autograd (it frees activations as it goes); call it under "
                            "torch.no_grad() with the model in eval mode, or use untiled or blend mode to train")
-    if memory_limit is not None and plan.peak_bytes > memory_limit:
-        warnings.warn(f"exact tiling: no plan found within memory_limit={memory_limit:.3g} bytes; the leanest "
-                      f"plan found needs about {plan.peak_bytes:.3g}", ResourceWarning, stacklevel=4)
     return run_exact(model, plan, x)
 
 
@@ -117,23 +112,11 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                 or "not enough memory" in text.lower())
 
 
-def _auto(model, x: torch.Tensor, kind: str, tile: int, memory_limit: float | None) -> torch.Tensor:
-    """Untiled if the estimate fits the limit, else exact tiling; an out-of-memory error also falls back to
-    exact tiling (after leaving the ``except`` block, so the failed attempt's tensors are freed first)."""
-    available = None if memory_limit is not None else available_memory(x.device)
-    if not fits_untiled(model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), memory_limit,
-                        available):
-        return _exact(model, x, kind, tile, AUTO_MEMORY_FRACTION * available if memory_limit is None else memory_limit)
-    try:
-        return _untiled(model, x, kind)
-    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
-            raise
+def _release_memory(device: torch.device) -> None:
+    """Free what a failed untiled attempt left behind."""
     gc.collect()
-    if x.device.type == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    retry_limit = available_memory(x.device) if memory_limit is None else memory_limit
-    return _exact(model, x, kind, tile, None if retry_limit is None else retry_limit / 2)
 
 
 # ---------------------------------------------------------------------------------------------- blend
