@@ -98,8 +98,12 @@ class Service:
                                  f"image on this model: expected {list(expected)}")
         elif len(spec.shape) == 4:
             _, c, h, w = spec.shape
-            if c != channels:
-                raise BadRequest(f"latents of shape {list(spec.shape)}: this model has {channels} latent channels")
+            patch = self.engine.scaling.patch_size
+            if patch and c == channels * patch[0] * patch[1]:  # FLUX.2's transformer latents
+                h, w = h * patch[0], w * patch[1]
+            elif c != channels:
+                raise BadRequest(f"latents of shape {list(spec.shape)}: this model has {channels} latent channels"
+                                 + (f" ({channels * patch[0] * patch[1]} patchified)" if patch else ""))
         else:
             raise BadRequest(f"latents must be (batch, {channels}, height, width), or packed with 3 dimensions; "
                              f"got shape {list(spec.shape)}")
@@ -110,9 +114,7 @@ class Service:
                              "time or use output_type=pt with partial_postprocess=true")
         body = await read_body(request, spec.nbytes, exact=spec.nbytes)
         z = protocol.tensor_from_bytes(body, spec)
-        if z.ndim == 3:
-            z = protocol.unpack_latents(z, req.height, req.width, f, channels)
-        z = protocol.unscale_for_decode(z.float(), req, cfg)
+        z = protocol.latents_for_decode(z, req, cfg, self.engine.scaling, f)
         out = await self._run("decode", z)
         return await run_in_threadpool(self._decode_response, out, req)
 

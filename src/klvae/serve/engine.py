@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from klvae.latents import latent_scaling
 from klvae.serve.errors import ServeError
 
 OPS = ("decode", "encode")
@@ -24,13 +25,14 @@ class Engine:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.dtype: torch.dtype = model.dtype
+        self.scaling = latent_scaling(model)  # its latent convention (FLUX.2's statistics come from the weights)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
                     tiling: bool = False) -> Engine:
         """Load a diffusers-layout model folder (``config.json`` + weights). Only local folders are accepted."""
         from klvae.torch.state_dict import as_torch_dtype
-        from klvae.torch.model import AutoencoderKL
+        from klvae.torch import auto
 
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
@@ -41,7 +43,7 @@ class Engine:
             torch.device(device)
         except (ValueError, RuntimeError) as e:
             raise ServeError(str(e)) from None
-        model = AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
+        model = auto.from_pretrained(folder, torch_dtype=torch_dtype)  # AutoencoderKL or AutoencoderKLFlux2
         if tiling:
             model.enable_tiling()
         try:

@@ -8,6 +8,7 @@ Decode options: ``scaling_factor``/``shift_factor`` (latents are mapped ``z / sc
 before decoding; the deprecated ``do_scaling=True`` without factors uses the model's own config),
 ``output_type`` (``pt`` or ``pil``), ``partial_postprocess`` (with ``pt``: uint8 images, batch x height x width x
 channels), ``image_format`` (``png``/``jpg``, with ``pil``), ``height``/``width`` (packed latents, FLUX style).
+FLUX.2 models also take their transformer's normalised latents (see :func:`latents_for_decode`).
 Encode options: ``scaling_factor``/``shift_factor`` (latents mapped ``(z - shift_factor) * scaling_factor``).
 
 Everything here is parsing and arithmetic on bytes: nothing a request sends is unpickled, evaluated or used
@@ -24,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from klvae.latents import unscale_latents
+from klvae.latents import LatentScaling, unscale_latents
 from klvae.serve.errors import BadRequest, PayloadTooLarge
 
 # Tensor dtypes accepted in requests (what the client's DTYPE_MAP reads back, uint8 aside).
@@ -234,6 +235,31 @@ def unpack_latents(x: torch.Tensor, height: int, width: int, factor: int, channe
                          f"(batch, {max(h // 2, 0) * max(w // 2, 0)}, {4 * channels})")
     x = x.view(batch, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(batch, channels, h, w)
+
+
+def latents_for_decode(z: torch.Tensor, req: DecodeRequest, config: Mapping[str, Any], scaling: LatentScaling,
+                       factor: int) -> torch.Tensor:
+    """The request's latents as ``decode`` takes them: unpacked, then unscaled as the client asks.
+
+    FLUX.2 (``scaling.patch_size`` set): raw latents (B, C, h, w) decode as they are; the transformer's latents,
+    normalised and patchified (B, 4C, h/2, w/2) or packed as its pipeline's ``output_type="latent"`` returns them
+    (B, h/2 * w/2, 4C, with ``height``/``width``), are denormalised with the model's own BatchNorm statistics and
+    unpatchified first. Its latents have no ``scaling_factor``/``shift_factor``.
+    """
+    if scaling.patch_size is None:
+        if z.ndim == 3:
+            z = unpack_latents(z, req.height, req.width, factor, config["latent_channels"])
+        return unscale_for_decode(z.float(), req, config)
+    if req.scaling_factor is not None or req.shift_factor is not None:
+        raise BadRequest("FLUX.2's latents have no scaling_factor/shift_factor: send raw latents (C channels) or "
+                         "the transformer's normalised ones (4C channels, or packed); the server applies the "
+                         "model's own statistics")
+    z = z.float()
+    if z.ndim == 3:  # tokens row by row, each the 4C channels of one 2x2 patch
+        ph, pw = scaling.patch_size
+        z = z.reshape(z.shape[0], req.height // (ph * factor), req.width // (pw * factor), z.shape[2])
+        z = z.permute(0, 3, 1, 2)
+    return z if z.shape[1] == config["latent_channels"] else scaling.unscale(z)
 
 
 def unscale_for_decode(z: torch.Tensor, req: DecodeRequest, config: Mapping[str, Any]) -> torch.Tensor:
