@@ -103,3 +103,34 @@ def test_cli_writes_and_reads_flux2_transformer_latents(saved, tmp_path, backend
         ref = ours.decode(mean).sample[0].permute(1, 2, 0).numpy()[:18, :25]
     expected = np.clip(np.round((ref + 1) * 127.5), 0, 255)
     assert decoded.shape == (18, 25, 3) and np.abs(decoded.astype(float) - expected).max() <= 1
+
+
+def test_cache_stores_flux2_transformer_latents_and_their_log_variance(saved, tmp_path):
+    import io
+
+    from test_cache import make_images, write_folder
+
+    from klvae.cache import shards as sh
+    from klvae.cache.buckets import load_into_bucket, make_buckets
+    from klvae.latents import latent_scaling
+
+    ours, path = saved
+    images = make_images(3, seed=4)
+    write_folder(tmp_path / "ds", images, nested=False)
+    bucket_args = ["--resolution", "32", "--bucket-step", "6", "--max-aspect", "2"]
+    assert main(["cache", str(tmp_path / "ds"), "-o", str(tmp_path / "c"), "-m", path, *bucket_args, "--scaled",
+                 "--moments", "-q"]) == 2           # 6-px steps do not fit 2x2 latent patches at factor 2
+    bucket_args[3] = "8"
+    assert main(["cache", str(tmp_path / "ds"), "-o", str(tmp_path / "c"), "-m", path, *bucket_args, "--scaled",
+                 "--moments", "-q"]) == 0
+    scaling = latent_scaling(ours)
+    by_name = {name.split(".")[0]: data for name, data in images}
+    for row in sh.read_index(str(tmp_path / "c")):
+        with safe_open(str(tmp_path / "c" / row["shard"]), framework="pt") as f:
+            latents, logvar = f.get_tensor(row["key"]), f.get_tensor(row["logvar_key"])
+        x, _, _ = load_into_bucket(io.BytesIO(by_name[row["id"].split("/")[-1]]), make_buckets(32, 8, 2.0), 3, "t")
+        with torch.no_grad():
+            dist = ours.encode(torch.from_numpy(x)[None]).latent_dist
+        assert latents.shape == logvar.shape == (16, x.shape[1] // 4, x.shape[2] // 4)
+        assert rel_err(latents, scaling.scale(dist.mean)[0]) <= 1e-5
+        assert rel_err(logvar, scaling.scale_logvar(dist.logvar)[0]) <= 1e-5
