@@ -306,3 +306,15 @@ def test_default_tiling_splits_a_1024_image_unlike_diffusers_sample_size_tiles()
     assert fits_untiled(config, "decode", latent, 1, 4, None, 64 << 30)
     assert not fits_untiled(config, "decode", latent, 1, 4, None, untiled_peak)        # auto tiles when short
     assert exact_plan_for(config, "decode", latent, 1, 4, 2048, None, 16 << 30).grid.count == 1      # user's tile wins
+
+
+@pytest.mark.slow  # the default suite compiles the same encoder/decoder code in test_fast_paths
+def test_compile_fullgraph():
+    import torch._dynamo
+
+    _, ours = flux2_pair(ASYMMETRIC, seed=14)
+    z = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    decode = torch.compile(lambda v: ours.decode(v).sample, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        assert rel_err(decode(z), ours.decode(z).sample) <= 1e-5
