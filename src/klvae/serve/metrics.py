@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               PlatformCollector, ProcessCollector, generate_latest)
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector, generate_latest)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format, which every Prometheus version reads (all names here are plain ASCII).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER_ROUTE = "other"
 METRICS_ROUTE = "/metrics"
 # Request latency: from a health check (~1 ms) to a large decode on a CPU (a minute).
