@@ -215,6 +215,8 @@ def test_the_page_in_chromium(chromium, cli_server, tmp_path):
         assert page.eval("document.getElementById('model-name').textContent") == "default"
         assert "AutoencoderKL, KL-f8" in page.eval("document.getElementById('model-arch').textContent")
         assert page.eval("document.getElementById('model-convention').textContent") == "z * 0.18215"
+        # The file chooser is reachable by keyboard (visually hidden, not removed from the focus order).
+        assert page.eval("const i = document.getElementById('file-input'); i.focus(); document.activeElement === i")
 
         # An image: uploaded, encoded and decoded; the numbers shown are the server's and match numpy's.
         page.set_files("#file-input", [str(image_path)])

@@ -17,8 +17,8 @@ def model_summary(name: str, model: Any) -> dict[str, Any]:
         "name": name,
         "class": type(model).__name__,
         "architecture": (f"{type(model).__name__}, KL-f{cfg.downsample_factor}, {cfg['in_channels']} -> "
-                         f"{cfg['latent_channels']} latent channels, blocks ({blocks}) x {cfg['layers_per_block']} "
-                         f"resnets, {_count(params)} parameters"),
+                         f"{cfg['latent_channels']} latent channels, blocks ({blocks}), {cfg['layers_per_block']} "
+                         f"resnet{'s' if cfg['layers_per_block'] > 1 else ''} per block, {_count(params)} parameters"),
         "latent_convention": latent_convention(cfg),
         "downsample_factor": cfg.downsample_factor,
         "latent_channels": cfg["latent_channels"],
