@@ -19,7 +19,7 @@ import torch
 
 from klvae.cli.quality import error_heatmap, psnr, ssim
 from klvae.images import pad_to_multiple, quantize, to_model_input
-from klvae.serve import images
+from klvae.serve import images, protocol
 from klvae.serve.errors import BadRequest
 
 DEFAULT_ERROR_SCALE = 0.1
@@ -32,15 +32,11 @@ class Prepared:
 
 
 def error_scale_of(params) -> float:
-    value = params.get("error_scale")
-    if value is None:
+    scale = protocol.parse_float(params, "error_scale")
+    if scale is None:
         return DEFAULT_ERROR_SCALE
-    try:
-        scale = float(value)
-    except ValueError:
-        raise BadRequest(f"error_scale={value[:40]!r} is not a number") from None
-    if not (math.isfinite(scale) and 0 < scale <= 1):
-        raise BadRequest(f"error_scale={value[:40]!r} must be in (0, 1]")
+    if not 0 < scale <= 1:
+        raise BadRequest(f"error_scale={scale:g} must be in (0, 1]")
     return scale
 
 
