@@ -8,6 +8,7 @@ downloaded browser. Uses Debian's ``chromium`` (``$KLVAE_CHROMIUM`` overrides th
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -47,16 +48,18 @@ class Browser:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def fds() -> None:  # in the child: the protocol pipes on descriptors 3 and 4
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
-
-        cmd = [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
-               f"--window-size={window[0]},{window[1]}", "about:blank"]
+        browser = [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
+                   f"--window-size={window[0]},{window[1]}", "about:blank"]
+        # bash puts the protocol pipes on descriptors 3 and 4 (no preexec_fn: no Python code runs between
+        # fork and exec, which is unsafe in a threaded process such as one that imported JAX).
+        r, w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser_r, from_browser_w))  # not 3 or 4
+        for fd in (to_browser_r, from_browser_w):
+            os.close(fd)
+        cmd = ["bash", "-c", f'exec "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-', "bash", *browser]  # dash: fds 0-9 only
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=fds, pass_fds=(3, 4))
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+                                     stderr=subprocess.PIPE, pass_fds=(r, w))
+        os.close(r)
+        os.close(w)
         self._next_id = 0
         self._answers: dict[int, dict] = {}
         self._cond = threading.Condition()
