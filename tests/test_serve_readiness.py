@@ -73,7 +73,8 @@ def test_not_ready_until_warmed_up(model):
         assert body["status"] == "ready" and body["warmup_s"] > 0
         assert "klvae_ready 1.0" in get(server.url, "/metrics").text
         side = WARMUP_LATENT_SIDE * engine.factor
-        assert engine.calls == [("encode", (1, 3, side, side)), ("decode", (1, 4, WARMUP_LATENT_SIDE, WARMUP_LATENT_SIDE))]
+        latent = WARMUP_LATENT_SIDE
+        assert engine.calls == [("encode", (1, 3, side, side)), ("decode", (1, 4, latent, latent))]
     assert app.state.service.readiness.state == "stopping"
 
 
