@@ -12,6 +12,14 @@ Both servers run side by side; each round times the three cases back to back and
 medians of the per-round ratios, so background load on the machine hits all cases alike. Example:
 
     python benchmarks/serve_throughput.py --size 64 --clients 8 --requests 48 --rounds 3
+
+``--metrics-overhead`` instead measures what the Prometheus metrics cost per request: a server with metrics
+and one started with ``--no-metrics``, side by side, one client at a time and --clients at once, in alternating
+rounds (wall req/s and server CPU ms per request, medians); plus the instruments' own cost per request timed
+in-process (the ASGI middleware around a no-op app, and one batch observation), which other load on the
+machine disturbs far less:
+
+    python benchmarks/serve_throughput.py --metrics-overhead --size 32 --requests 96 --rounds 5
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ class Server:
     """`klvae serve` in a subprocess on a free loopback port."""
 
     def __init__(self, model: str, max_batch: int, extra: list[str]):
+        self.extra = extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "klvae.serve", "--model", model, "--port", str(self.port),
@@ -145,7 +154,12 @@ def main() -> None:
                    help="uint8: output_type=pt + partial_postprocess")
     p.add_argument("--no-ablation", action="store_true", help="skip the --max-batch 1 concurrent run")
     p.add_argument("--server-args", default="", help="extra `klvae serve` arguments, e.g. '--device cuda'")
+    p.add_argument("--metrics-overhead", action="store_true",
+                   help="compare a server with Prometheus metrics against one with --no-metrics")
     args = p.parse_args()
+    if args.metrics_overhead:
+        metrics_overhead(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
@@ -221,6 +235,101 @@ def main() -> None:
           f"{result['concurrent_rps']:.2f} vs {result['sequential_rps']:.2f} req/s, mean batch "
           f"{result['mean_batch_concurrent']})" + (f"; batching vs no batching at {args.clients} clients: "
                                                   f"{result['batching_over_no_batching']:.2f}x" if unb else ""))
+
+
+def metrics_overhead(args: argparse.Namespace) -> None:
+    """Servers with and without metrics, timed in alternating rounds; plus the in-process cost of the instruments."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or os.path.join(tmp, "model")
+        meta = {"factor": 8, "latent_channels": 4} if args.model else build_model(args.config, folder)
+        f = meta["factor"]
+        latent_shape = (1, meta["latent_channels"], args.size // f, args.size // f)
+        params, body = make_request(latent_shape, args.output)
+        extra = args.server_args.split()
+        servers = {"metrics": Server(folder, args.max_batch, extra),
+                   "no_metrics": Server(folder, args.max_batch, extra + ["--no-metrics"])}
+        cases = {(name, clients): [] for name in servers for clients in (1, args.clients)}
+        cpu = {key: [] for key in cases}
+        try:
+            for server in servers.values():
+                run_clients(server.url, args.clients, 2 * args.clients, params, body)  # warm-up
+            for r in range(args.rounds):
+                order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+                for clients in (1, args.clients):
+                    for name in order:
+                        server = servers[name]
+                        start = server.cpu_s()
+                        cases[name, clients].append(run_clients(server.url, clients, args.requests, params, body))
+                        if start is not None:
+                            cpu[name, clients].append((server.cpu_s() - start) / args.requests)
+            scraped = requests.get(f"{servers['metrics'].url}/metrics", timeout=30).text
+        finally:
+            for server in servers.values():
+                server.stop()
+    result: dict = {"model": args.model or args.config, "image": f"{args.size}x{args.size}", "output": args.output,
+                    "requests_per_run": args.requests, "rounds": args.rounds, "torch_threads": _torch_threads(),
+                    "metrics_exposition_bytes": len(scraped)}
+    for clients in (1, args.clients):
+        on, off = cases["metrics", clients], cases["no_metrics", clients]
+        row = {"rps_metrics": round(statistics.median(on), 2), "rps_no_metrics": round(statistics.median(off), 2),
+               "rps_ratio": round(statistics.median([a / b for a, b in zip(on, off)]), 3)}
+        if cpu["metrics", clients]:
+            c_on, c_off = cpu["metrics", clients], cpu["no_metrics", clients]
+            row |= {"cpu_ms_metrics": round(1000 * statistics.median(c_on), 3),
+                    "cpu_ms_no_metrics": round(1000 * statistics.median(c_off), 3),
+                    "cpu_ms_difference": round(1000 * statistics.median([a - b for a, b in zip(c_on, c_off)]), 3)}
+        result[f"clients_{clients}"] = row
+    result["in_process_us_per_request"] = instrument_cost_us()
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    for key, value in result.items():
+        print(f"{key}: {json.dumps(value)}")
+
+
+def instrument_cost_us(n: int = 20000) -> dict[str, float]:
+    """Microseconds per request that the metrics add in-process: the ASGI middleware around a no-op app (counter,
+    latency histogram, in-flight gauge), one batch observation (model-time and batch-size histograms), and rendering
+one scrape with every route labelled (paid per scrape, not per request)."""
+    import asyncio
+
+    from klvae.serve.metrics import Metrics, MetricsMiddleware
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message):
+        pass
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    metrics = Metrics(["/decode"], process=False)
+    wrapped = MetricsMiddleware(app, metrics)
+    scope = {"type": "http", "path": "/decode", "method": "POST"}
+
+    async def loop(target) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await target(scope, receive, send)
+        return time.perf_counter() - start
+
+    def best(target) -> float:
+        return min(asyncio.run(loop(target)) for _ in range(5))
+
+    bare, with_middleware = best(app), best(wrapped)
+    start = time.perf_counter()
+    for _ in range(n):
+        metrics.observe_batch("decode", 1, 0.01)
+    batch = time.perf_counter() - start
+    for route in ("/encode", "/roundtrip", "/health", "/ready", "/info", "/metrics", "/", "other"):
+        metrics.requests.labels(route, "200").inc()
+        metrics.latency.labels(route).observe(0.01)
+    start = time.perf_counter()
+    for _ in range(100):
+        metrics.render()
+    scrape = (time.perf_counter() - start) / 100
+    return {"middleware": round(1e6 * (with_middleware - bare) / n, 2), "batch_observation": round(1e6 * batch / n, 2),
+            "one_scrape_render": round(1e6 * scrape, 1)}
 
 
 def _torch_threads() -> int:

@@ -1,7 +1,8 @@
 """``klvae serve``: an HTTP encode/decode service speaking the protocol of diffusers' remote VAE client.
 
-``create_app(Engine.from_folder(path), ServeSettings(...))`` builds the ASGI app; :func:`serve` runs it with
-uvicorn. Needs ``pip install 'klvae[serve]'`` (starlette, uvicorn, pillow) and the PyTorch backend.
+``create_app(Engine.from_folder(path), ServeSettings(...))`` builds the ASGI app (the protocol routes, a page for
+people at ``/``, Prometheus metrics at ``/metrics``, liveness and readiness); :func:`serve` runs it with uvicorn.
+Needs ``pip install 'klvae[serve]'`` (starlette, uvicorn, pillow, prometheus-client) and the PyTorch backend.
 """
 
 from __future__ import annotations

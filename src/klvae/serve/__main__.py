@@ -1,4 +1,4 @@
-"""``python -m klvae.serve --model PATH ...``: the same as ``klvae serve``."""
+"""``python -m klvae.serve [--model PATH] ...``: the same as ``klvae serve``."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""The ASGI application: ``POST /decode``, ``POST /encode``, ``GET /health``, ``GET /info``.
+"""The ASGI application: ``POST /decode``, ``POST /encode``, ``POST /roundtrip``, ``GET /`` (the page),
+``GET /health`` (liveness), ``GET /ready`` (readiness), ``GET /info``, ``GET /metrics`` (Prometheus).
 
 Every refusal is a JSON body ``{"error", "code", "status"}`` with a 4xx status (5xx only for model failures,
 overload or shutdown), and no request can change what the server does next.
@@ -6,25 +7,32 @@ overload or shutdown), and no request can change what the server does next.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from klvae import __version__
-from klvae.serve import images, protocol
+from klvae.serve import images, page, protocol, roundtrip
 from klvae.serve.batcher import MicroBatcher
 from klvae.serve.engine import Engine
 from klvae.serve.errors import BadRequest, InternalError, PayloadTooLarge, RequestError, Unavailable
+from klvae.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from klvae.serve.metrics import Metrics, MetricsMiddleware
+from klvae.serve.readiness import Readiness, warm_up
 from klvae.serve.security import check_token, read_body
+from klvae.serve.summary import model_summary
 
 log = logging.getLogger("klvae.serve")
 
@@ -32,13 +40,18 @@ log = logging.getLogger("klvae.serve")
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     """Limits and batching of one server. ``max_pixels`` bounds a request's batch x height x width in image
-    pixels (decode output, encode input); bodies are bounded by what that many pixels need."""
+    pixels (decode output, encode input); bodies are bounded by what that many pixels need. The token guards
+    ``/metrics``, ``/health`` and ``/ready`` only with ``protect_metrics``; ``metrics=False`` turns the
+    Prometheus instruments off (``/metrics`` is then 404); ``warmup=False`` is ready without a warm-up run."""
 
     token: str | None = None
     max_pixels: int = 4 * 2048 * 2048
     max_batch: int = 8
     batch_wait_ms: float = 5.0
     max_queue: int = 64
+    protect_metrics: bool = False
+    metrics: bool = True
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1 or self.max_batch < 1 or self.max_queue < 1 or self.batch_wait_ms < 0:
@@ -50,32 +63,82 @@ class ServeSettings:
 class Service:
     """Request handling on top of an :class:`Engine` and a :class:`MicroBatcher`."""
 
-    def __init__(self, engine: Engine, settings: ServeSettings):
-        self.engine, self.settings = engine, settings
+    def __init__(self, engine: Engine, settings: ServeSettings, metrics: Metrics | None):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
         # Batch keys are (op, *item_shape): only requests of one operation and shape share a batch.
-        self.batcher = MicroBatcher(lambda key, x: engine.run(key[0], x), max_batch=settings.max_batch,
+        self.batcher = MicroBatcher(self._run_batch, max_batch=settings.max_batch,
                                     max_wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue)
         # An image body (PNG/JPEG) may be at most the size of the largest float32 tensor accepted.
         self.max_image_bytes = settings.max_pixels * engine.config.in_channels * 4 + (1 << 16)
+        self.summary = model_summary(engine.name, engine.model)
+        self.readiness = Readiness()
+        if metrics is not None:
+            metrics.track_queue(lambda: self.batcher.queued_items)
+            metrics.ready.set_function(lambda: float(self.readiness.ready))
+            metrics.model_info.info({"name": engine.name, "class": self.summary["class"], "version": __version__,
+                                     "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device)})
+
+    def _run_batch(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
+        """One batch on the model (the model thread), timed for the metrics."""
+        start = time.perf_counter()
+        y = self.engine.run(key[0], x)
+        if self.metrics is not None:
+            self.metrics.observe_batch(key[0], x.shape[0], time.perf_counter() - start)
+        return y
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         await self.batcher.start()
-        log.info("klvae serve: model ready (%s, %s)", self.engine.device, self.engine.dtype)
+        warmup = asyncio.create_task(self._warm_up())
         try:
             yield
         finally:
+            self.readiness.set("stopping", "the server is shutting down")
+            await warmup  # it runs on the model thread, which cannot be interrupted
             await self.batcher.stop()
+
+    async def _warm_up(self) -> None:
+        if not self.settings.warmup:
+            self.readiness.set("ready", "model loaded (no warm-up)")
+            return
+        try:
+            seconds = await self.batcher.call(lambda: warm_up(self.engine))
+        except Exception as e:  # stays live but not ready: the orchestrator keeps traffic away
+            log.error("klvae serve: warm-up failed: %s: %s", type(e).__name__, e)
+            self.readiness.set("failed", f"warm-up failed: {type(e).__name__}: {e}")
+            return
+        self.readiness.warmup_s = round(seconds, 3)
+        if self.readiness.state == "starting":
+            self.readiness.set("ready", f"model loaded and warmed up in {seconds:.2f} s")
+        log.info("klvae serve: model %s ready (%s, %s; warm-up %.2f s)", self.engine.name, self.engine.device,
+                 self.engine.dtype, seconds)
 
     # ------------------------------------------------------------------------------------------ routes
     async def health(self, request: Request) -> Response:
+        self._check_ops_token(request)
         return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        self._check_ops_token(request)
+        r = self.readiness
+        return JSONResponse(r.to_json(), status_code=200 if r.ready else 503,
+                            headers=None if r.ready else {"Retry-After": "1"})
+
+    async def metrics_route(self, request: Request) -> Response:
+        self._check_ops_token(request)
+        data = await run_in_threadpool(self.metrics.render)
+        return Response(data, media_type=METRICS_CONTENT_TYPE)
+
+    def _check_ops_token(self, request: Request) -> None:
+        if self.settings.protect_metrics:
+            check_token(request, self.settings.token)
 
     async def info(self, request: Request) -> Response:
         check_token(request, self.settings.token)
         s = self.settings
         return JSONResponse({
-            "server": "klvae", "version": __version__, "model": self.engine.describe(),
+            "server": "klvae", "version": __version__, "summary": self.summary, "model": self.engine.describe(),
+            "ready": self.readiness.to_json(), "auth": {"token": s.token is not None},
             "limits": {"max_pixels": s.max_pixels, "max_image_bytes": self.max_image_bytes},
             "batching": {"max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "max_queue": s.max_queue,
                          "queued_items": self.batcher.queued_items, **self.batcher.stats.to_dict()},
@@ -142,6 +205,20 @@ class Service:
         data, headers = protocol.tensor_to_bytes(z)
         return Response(data, media_type=protocol.TENSOR_MEDIA_TYPE, headers=headers)
 
+    async def roundtrip(self, request: Request) -> Response:
+        check_token(request, self.settings.token)
+        error_scale = roundtrip.error_scale_of(request.query_params)
+        body = await read_body(request, self.max_image_bytes)
+        cfg, f, timer = self.engine.config, self.engine.factor, roundtrip.Timer()
+        prep = await run_in_threadpool(roundtrip.prepare, body, cfg.in_channels, f, self.settings.max_pixels)
+        self._check_pixels(prep.x.shape[2] * prep.x.shape[3], f"encoding a padded {list(prep.x.shape)} image")
+        with timer("encode"):
+            z = await self._run("encode", prep.x)
+        with timer("decode"):
+            decoded = await self._run("decode", z)
+        result = await run_in_threadpool(roundtrip.report, prep, decoded, list(z.shape), error_scale, timer.seconds)
+        return JSONResponse(result)
+
     # ------------------------------------------------------------------------------------------ helpers
     async def _run(self, op: str, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -150,7 +227,7 @@ class Service:
             raise
         except torch.OutOfMemoryError:
             raise Unavailable(f"out of memory while running {op} on a batch; retry, or send smaller requests",
-                              retry_after_s=2) from None
+                              retry_after_s=2, reason="out_of_memory") from None
         except Exception as e:
             raise InternalError(f"{op} failed: {type(e).__name__}: {e}") from None
 
@@ -180,14 +257,23 @@ class Service:
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def _count_rejection(request: Request, reason: str) -> None:
+    metrics = request.app.state.service.metrics
+    if metrics is not None:
+        metrics.reject(reason)
+
+
 async def _request_error(request: Request, exc: RequestError) -> Response:
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    if exc.status < 500 or exc.status == 503:  # refused; a 500 is a failure, counted by status only
+        _count_rejection(request, exc.reason)
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     codes = {404: "not_found", 405: "method_not_allowed"}
+    _count_rejection(request, codes.get(exc.status_code, "http"))
     body = {"error": f"{request.method} {request.url.path}: {exc.detail}", "code": codes.get(exc.status_code, "http"),
             "status": exc.status_code}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -201,11 +287,18 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> Starlette:
     """The Starlette application serving ``engine``; run it with uvicorn (see :mod:`klvae.serve.runner`)."""
-    service = Service(engine, settings or ServeSettings())
-    routes = [Route("/decode", service.decode, methods=["POST"]), Route("/encode", service.encode, methods=["POST"]),
-              Route("/health", service.health, methods=["GET"]), Route("/info", service.info, methods=["GET"])]
+    settings = settings or ServeSettings()
+    routes = [("/decode", "decode", "POST"), ("/encode", "encode", "POST"), ("/roundtrip", "roundtrip", "POST"),
+              ("/health", "health", "GET"), ("/ready", "ready", "GET"), ("/info", "info", "GET")]
+    if settings.metrics:
+        routes.append(("/metrics", "metrics_route", "GET"))
+    metrics = Metrics([path for path, _, _ in routes] + ["/"]) if settings.metrics else None
+    service = Service(engine, settings, metrics)
     handlers: dict[Any, Any] = {RequestError: _request_error, HTTPException: _http_error,
                                 Exception: _unexpected_error}
-    app = Starlette(routes=routes, lifespan=service.lifespan, exception_handlers=handlers)
+    middleware = [Middleware(MetricsMiddleware, metrics=metrics)] if metrics is not None else []
+    app = Starlette(routes=[Route(path, getattr(service, name), methods=[method]) for path, name, method in routes]
+                    + [Route("/", page.index, methods=["GET"])],
+                    middleware=middleware, lifespan=service.lifespan, exception_handlers=handlers)
     app.state.service = service
     return app

@@ -93,7 +93,7 @@ class MicroBatcher:
         self._closing = True
         for job in self._pending:
             if not job.future.done():
-                job.future.set_exception(Unavailable("the server is shutting down"))
+                job.future.set_exception(Unavailable("the server is shutting down", reason="shutting_down"))
         self._pending.clear()
         if self._task is not None:
             self._arrived.set()
@@ -106,13 +106,21 @@ class MicroBatcher:
     async def submit(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
         """Queue ``x`` (its items on dim 0) and wait for its slice of the batch result."""
         if self._task is None or self._closing:
-            raise Unavailable("the server is shutting down" if self._closing else "the model is not running")
+            raise Unavailable("the server is shutting down" if self._closing else "the model is not running",
+                              reason="shutting_down" if self._closing else "not_running")
         if self.queued_items + x.shape[0] > self.max_queue and self._pending:
-            raise Unavailable(f"the queue is full ({self.queued_items} items waiting); retry shortly")
+            raise Unavailable(f"the queue is full ({self.queued_items} items waiting); retry shortly",
+                              reason="queue_full")
         job = _Job(key, x, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._arrived.set()
         return await job.future
+
+    async def call(self, fn: Callable[[], object]) -> object:
+        """Run ``fn()`` on the model thread, between batches (the warm-up uses it; no batch statistics)."""
+        if self._executor is None:
+            raise Unavailable("the model is not running", reason="not_running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # ------------------------------------------------------------------------------------------ worker
     async def _loop(self) -> None:

@@ -20,7 +20,8 @@ class Engine:
     to the CPU in the model's dtype. Calls are made from one worker thread at a time.
     """
 
-    def __init__(self, model: Any, device: str | torch.device = "cpu"):
+    def __init__(self, model: Any, device: str | torch.device = "cpu", name: str = "model"):
+        self.name = name  # what people and metrics call the model (its folder's name, or "default")
         self.model = model.eval().requires_grad_(False)
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -29,10 +30,11 @@ class Engine:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
-                    tiling: bool = False) -> Engine:
-        """Load a diffusers-layout model folder (``config.json`` + weights). Only local folders are accepted."""
-        from klvae.torch.state_dict import as_torch_dtype
+                    tiling: bool = False, name: str | None = None) -> Engine:
+        """Load a diffusers-layout model folder (``config.json`` + weights) of either class (AutoencoderKL or
+        AutoencoderKLFlux2). Only local folders are accepted. ``name`` defaults to the folder's name."""
         from klvae.torch import auto
+        from klvae.torch.state_dict import as_torch_dtype
 
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
@@ -47,7 +49,7 @@ class Engine:
         if tiling:
             model.enable_tiling()
         try:
-            return cls(model, device=device)
+            return cls(model, device=device, name=name or os.path.basename(os.path.normpath(folder)))
         except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a build or machine without one
             raise ServeError(f"cannot put the model on device {device!r}: {e}") from None
 
@@ -72,6 +74,6 @@ class Engine:
             return y.cpu()
 
     def describe(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"name": self.name, "config": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
                 "device": str(self.device), "downsample_factor": self.factor,
                 "parameters": self.model.num_parameters(), "tiling": bool(self.model.use_tiling)}

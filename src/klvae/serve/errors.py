@@ -16,10 +16,11 @@ class RequestError(KLVAEError):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, reason: str | None = None):
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
+        self.reason = reason or self.code  # finer than ``code`` where useful; a metrics label, not sent
 
     def to_json(self) -> dict[str, object]:
         return {"error": self.message, "code": self.code, "status": self.status}
@@ -52,8 +53,8 @@ class Unavailable(RequestError):
     status = 503
     code = "unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, retry_after_s: int = 1, *, reason: str | None = None):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, reason=reason)
 
 
 class InternalError(RequestError):
