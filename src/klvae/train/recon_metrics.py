@@ -26,11 +26,19 @@ def _unit(image: np.ndarray) -> np.ndarray:
 
 
 def colour_spread(image: np.ndarray) -> float:
-    """Mean over pixels of the per-pixel std across R, G, B (population std), in [0, 1] units."""
-    return float(_unit(image).std(axis=-1).mean())
+    """Mean over pixels of the per-pixel std across R, G, B (population std), in [0, 1] units; exactly 0 for a
+    grey uint8 image (the variance is taken in integers: 9 var = 3 sum(x^2) - (sum x)^2)."""
+    image = np.asarray(image)
+    _unit(image[:1, :1])                                   # shape check
+    if image.dtype == np.uint8:
+        x = image.astype(np.int64)
+        nine_var = 3 * (x * x).sum(axis=-1) - x.sum(axis=-1) ** 2
+        return float((np.sqrt(nine_var) / 3.0).mean() / 255.0)
+    return float((np.asarray(image, np.float64) / 255.0).std(axis=-1).mean())
 
 
 def colour_spread_ratio(original: np.ndarray, reconstruction: np.ndarray) -> float:
+    """``colour_spread(reconstruction) / colour_spread(original)``; NaN for a grey original."""
     spread = colour_spread(original)
     return math.nan if spread == 0 else colour_spread(reconstruction) / spread
 
@@ -65,9 +73,13 @@ def border_interior_psnr(original: np.ndarray, reconstruction: np.ndarray, band:
 
 def reconstruction_metrics(original: np.ndarray, reconstruction: np.ndarray, band: int = BORDER_BAND
                            ) -> dict[str, float]:
-    """All of the above as one flat dict (keys as ``klvae eval`` reports them)."""
+    """All of the above as one flat dict (keys as ``klvae eval`` reports them); the border metrics are NaN for an
+    image too small to have an interior."""
     err = channel_mean_error(original, reconstruction)
-    border, interior = border_interior_psnr(original, reconstruction, band)
+    if 2 * band >= min(np.shape(original)[:2]):
+        border = interior = math.nan
+    else:
+        border, interior = border_interior_psnr(original, reconstruction, band)
     return {"colour": colour_spread_ratio(original, reconstruction),
             "err_r": err[0], "err_g": err[1], "err_b": err[2],
             "psnr_border": border, "psnr_interior": interior}
