@@ -235,3 +235,17 @@ def test_prepare_data_of_the_recipe_uses_the_manifest(fake, tmp_path):
                           manifest_path=fake["path"], log=lambda *_: None)
     assert counts == {str(tmp_path / "train"): 1, str(tmp_path / "held"): 1}
     assert sorted(os.listdir(tmp_path / "held")) == [".photos-manifest.json", "tree.png"]
+
+
+def test_model_card_credits_every_training_photograph():
+    import klvae
+
+    with open(os.path.join(klvae.DEFAULT_MODEL, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    section = card[card.index("## Training data"):]
+    for p in load_manifest().select("train"):
+        row = next((line for line in section.splitlines() if line.startswith(f"| {p.name} |")), None)
+        assert row is not None, f"model card lacks a credit row for {p.name}"
+        assert p.package in row
+        if p.package != "plasma-workspace-wallpapers":         # plasma rows give both of its licence statements
+            assert f"| {p.licence} |" in row
