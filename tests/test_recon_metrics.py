@@ -9,7 +9,7 @@ import pytest
 
 from klvae.train.latent_scale import RunningMoments, posterior_mean_std, scaling_factor
 from klvae.train.recon_metrics import (border_interior_psnr, channel_mean_error, colour_spread, colour_spread_ratio,
-                                       reconstruction_metrics)
+                                       reconstruction_metrics, worst_edge_psnr)
 
 
 def _images(seed=0, h=48, w=40):
@@ -60,7 +60,11 @@ def test_border_and_interior_psnr_by_pixel_distance_to_the_edge():
     assert got_interior == math.inf
     assert got_border == pytest.approx(10 * math.log10(3 * n_border / row_sq), rel=1e-12)
     values = reconstruction_metrics(a, b)
-    assert set(values) == {"colour", "err_r", "err_g", "err_b", "psnr_border", "psnr_interior"}
+    assert set(values) == {"colour", "err_r", "err_g", "err_b", "psnr_border", "psnr_interior", "psnr_edge_line"}
+    # The worst 2-pixel edge strip: only the top one has errors in c.
+    assert worst_edge_psnr(a, c) == pytest.approx(10 * math.log10(3 * 2 * 70 / row_sq), rel=1e-12)
+    strips = [sq[:2], sq[-2:], sq[:, :2], sq[:, -2:]]
+    assert values["psnr_edge_line"] == pytest.approx(min(10 * math.log10(1 / s.mean()) for s in strips), rel=1e-12)
     small = reconstruction_metrics(a[:20, :20], b[:20, :20])                   # no interior left: NaN
     assert math.isnan(small["psnr_border"]) and math.isnan(small["psnr_interior"])
 

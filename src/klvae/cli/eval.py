@@ -4,7 +4,8 @@ Each image is encoded, its posterior's mode decoded, and PSNR, SSIM (and LPIPS-V
 installed) are reported per image and as mean +- std, as the SD VAE model cards report them, with colour and edge
 metrics (``klvae.train.recon_metrics``): ``colour`` = the reconstruction's colour spread over the original's
 (mean over pixels of the std across R, G, B; 1 = colour kept), ``err_r/g/b`` = mean error per channel in 8-bit
-levels, ``psnr_border`` / ``psnr_interior`` = PSNR of the 16-pixel border band and of the rest. MODEL is a
+levels, ``psnr_border`` / ``psnr_interior`` = PSNR of the 16-pixel border band and of the rest,
+``psnr_edge_line`` = the lowest PSNR of the four 2-pixel strips along the edges. MODEL is a
 diffusers folder, a single-file checkpoint, a training checkpoint or run folder; without it, klvae's default model.
 """
 

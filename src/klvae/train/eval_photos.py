@@ -31,7 +31,6 @@ EVAL_PHOTOS = {
                        ("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg")],
 }
 PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
-REPORTED = ("psnr", "ssim", "colour", "err_r", "err_g", "err_b", "psnr_border", "psnr_interior")
 
 
 class EvalPhotoError(FileNotFoundError):
@@ -81,14 +80,14 @@ def evaluate_photos(model, lpips=None) -> dict:
 
 def markdown(report: dict) -> str:
     """The report as a Markdown table: one row per image, then a mean row per group and for all."""
-    head = ["image", "size", "PSNR dB", "SSIM", "colour", "err R/G/B", "PSNR border / interior"]
+    head = ["image", "size", "PSNR dB", "SSIM", "colour", "err R/G/B", "PSNR border / interior", "worst edge line"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cells(name: str, size: str, v: dict) -> str:
         colour = "grey input" if math.isnan(v["colour"]) else f"{v['colour']:.3f}"
         return (f"| {name} | {size} | {v['psnr']:.2f} | {v['ssim']:.3f} | {colour} | "
                 f"{v['err_r']:+.1f} / {v['err_g']:+.1f} / {v['err_b']:+.1f} | "
-                f"{v['psnr_border']:.2f} / {v['psnr_interior']:.2f} |")
+                f"{v['psnr_border']:.2f} / {v['psnr_interior']:.2f} | {v['psnr_edge_line']:.2f} |")
 
     for group, data in report["groups"].items():
         for row in data["images"]:
