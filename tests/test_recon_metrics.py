@@ -146,3 +146,40 @@ def test_eval_cli_metrics_agree_with_the_trainer_and_numpy():
     summary = summarize(values)                                # the grey image's undefined ratio is left out
     assert summary["colour"]["n"] == 1 and summary["colour"]["mean"] == pytest.approx(expected["colour"])
     assert summary["psnr"]["n"] == 2
+
+
+def test_recipe_export_writes_the_rule_s_scaling_factor(tmp_path):
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from klvae.torch.model import AutoencoderKL
+    from klvae.torch.train.checkpoint import model_from_checkpoint, resolve_checkpoint
+    from klvae.torch.train.trainer import Trainer
+    from klvae.train.config import load_train_config
+    from klvae.train.data import to_model_input
+    from klvae.train.default_model import export
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "data").mkdir()
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((24, 32), (40, 16))]
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "data" / f"{i}.png")
+    (tmp_path / "cfg.toml").write_text(
+        '[model]\npreset = "tiny"\n[data]\ntrain_dir = "data"\ncrop_size = 16\nbatch_size = 2\n'
+        '[optim]\nmax_steps = 1\n[train]\noutput_dir = "run"\nprogress = false\nema_decay = 0.9\n')
+    config = load_train_config(str(tmp_path / "cfg.toml"))
+    with Trainer(config) as trainer:
+        trainer.fit()
+    factor = export(config, str(tmp_path / "out"), log=lambda *_: None)
+    # By hand: the checkpoint's EMA model in fp32, each image's posterior mean, numpy's std of them all.
+    model = model_from_checkpoint(resolve_checkpoint(str(tmp_path / "run")), use_ema=True).float()
+    with torch.no_grad():
+        pooled = np.concatenate([model.encode(torch.from_numpy(to_model_input(im[None]))).latent_dist.mean
+                                 .numpy().ravel() for im in images]).astype(np.float64)
+    assert factor == pytest.approx(1 / pooled.std(), rel=1e-6)
+    exported = AutoencoderKL.from_pretrained(str(tmp_path / "out"))
+    assert exported.config.scaling_factor == pytest.approx(factor, rel=1e-12)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float16}

@@ -249,3 +249,26 @@ def test_model_card_credits_every_training_photograph():
         assert p.package in row
         if p.package != "plasma-workspace-wallpapers":         # plasma rows give both of its licence statements
             assert f"| {p.licence} |" in row
+
+
+def test_apt_download_retries_on_the_lock_and_names_a_missing_version(monkeypatch, tmp_path):
+    # apt itself is replaced: the first call finds the lock held, the second says the pinned version is gone.
+    answers = [(100, "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 42 (apt-get)"),
+               (100, "E: Version '9.9-1' for 'fake-wallpapers' was not found")]
+    commands, sleeps = [], []
+
+    def fake_run(cmd, cwd=None):
+        commands.append(cmd[:2])
+        if cmd[0] == "apt-cache":
+            return subprocess.CompletedProcess(cmd, 0, "fake-wallpapers | 1.0-1 | http://deb.example bookworm/main", "")
+        code, err = answers.pop(0)
+        return subprocess.CompletedProcess(cmd, code, "", err)
+
+    monkeypatch.setattr(photos, "_run", fake_run)
+    monkeypatch.setattr(photos.time, "sleep", sleeps.append)
+    package = photos.Package(name="fake-wallpapers", source="debian", version="9.9-1", copyright="c", deb_sha256="0")
+    with pytest.raises(PhotoDataError) as e:
+        photos._apt_download(package, str(tmp_path), wait=3.0)
+    assert "apt has no fake-wallpapers 9.9-1" in str(e.value) and "apt offers: fake-wallpapers | 1.0-1" in str(e.value)
+    assert commands == [["apt-get", "download"], ["apt-get", "download"], ["apt-cache", "madison"]]
+    assert sleeps == [3.0]
