@@ -260,8 +260,8 @@ def _apt_download(package: Package, folder: str, attempts: int = 30, wait: float
             raise PhotoDataError(
                 f"apt has no {package.name} {package.version}, the version the photo manifest pins "
                 f"({MANIFEST_PATH}); apt offers: {policy or 'nothing (run apt-get update?)'}. If the package "
-                f"changed, its images must be reviewed and the manifest regenerated; or pass the pinned .deb "
-                f"with --deb-dir") from None
+                f"changed, review its images and update the manifest (scripts/photo_manifest.py); or pass "
+                f"the pinned .deb with --deb-dir") from None
         raise PhotoDataError(f"apt-get download {package.name}={package.version} failed: {message}")
     path = _find_deb(folder, package)
     if path is None:
@@ -306,7 +306,7 @@ def fetch_packages(manifest: Manifest, cache_dir: str, deb_dir: str | None = Non
         if digest != package.deb_sha256:
             raise PhotoDataError(f"{deb}: sha256 {digest} differs from the manifest's {package.deb_sha256} for "
                                  f"{package.name} {package.version}: the package was rebuilt; review its images "
-                                 f"and regenerate the manifest")
+                                 f"and update the manifest (scripts/photo_manifest.py)")
         os.makedirs(os.path.dirname(root), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".extract-", dir=os.path.dirname(root))
         try:
@@ -323,9 +323,9 @@ def fetch_packages(manifest: Manifest, cache_dir: str, deb_dir: str | None = Non
 
 # --- writing a data folder ------------------------------------------------------------------------------------
 
-def check_photo(manifest: Manifest, photo: Photo, cache_dir: str) -> str:
-    """The photo's file, after checking that it exists, its sha256 matches and (debian) the package's copyright
-    file still gives the manifest's licence for it. Returns its path."""
+def check_photo(manifest: Manifest, photo: Photo, cache_dir: str, check_licence: bool = True) -> str:
+    """The photo's file, after checking that it exists, its sha256 matches and (debian, ``check_licence``) the
+    package's copyright file still gives the manifest's licence for it. Returns its path."""
     package = manifest.packages[photo.package]
     root = package_root(cache_dir, package)
     if package.source == "debian" and not os.path.isdir(root):
@@ -334,13 +334,14 @@ def check_photo(manifest: Manifest, photo: Photo, cache_dir: str) -> str:
     path = os.path.join(root, photo.path)
     if not os.path.isfile(path):
         raise PhotoDataError(f"{photo.package} {package.version}: no file {photo.path} ({photo.name} in the "
-                             f"manifest): the package changed; regenerate the manifest")
+                             f"manifest): the package changed; review it and update the manifest "
+                             f"(scripts/photo_manifest.py)")
     digest = sha256_file(path)
     if digest != photo.sha256:
         raise PhotoDataError(f"{path}: sha256 {digest} differs from the manifest's {photo.sha256} ({photo.name}, "
                              f"{photo.package} {package.version}, installed version may differ): review the file "
-                             f"and regenerate the manifest")
-    if package.source == "debian":
+                             f"and update the manifest (scripts/photo_manifest.py)")
+    if package.source == "debian" and check_licence:
         with open(os.path.join(root, package.copyright), encoding="utf-8", errors="replace") as f:
             stanza = dep5_entry(f.read(), photo.path)
         licence = stanza["license"] if stanza else None
