@@ -84,7 +84,7 @@ def evaluate(model, images: list, lpips=None) -> dict[str, list[float]]:
 
 
 def print_table(names: list[str], images: list, values: dict[str, list[float]]) -> list[dict]:
-    """One row per image and a mean +- std line; returns the rows."""
+    """Print one row per image (all metrics) under a header; returns the rows as dicts."""
     metrics = list(values)
     width = max(len(n) for n in names)
     print(f"{'image':{width}s}  {'size':>9s}  " + "  ".join(f"{m:>13s}" for m in metrics))
