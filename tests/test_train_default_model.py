@@ -59,19 +59,30 @@ def test_default_model_loads_in_flax():
 
 def test_prepare_data_writes_missing_files_only(tmp_path):
     pytest.importorskip("skimage")
+    import json
+
     from klvae.train.data import load_rgb
     from klvae.train.default_model import prepare_data, skimage_photos
+    from klvae.train.photos import MANIFEST_PATH
 
+    # The committed manifest's scikit-image part (the Debian part needs the package cache: tests/test_train_photos).
+    with open(MANIFEST_PATH) as f:
+        data = json.load(f)
+    data["packages"] = {"scikit-image": data["packages"]["scikit-image"]}
+    data["photos"] = [p for p in data["photos"] if p["package"] == "scikit-image"]
+    (tmp_path / "m.json").write_text(json.dumps(data))
     train, held = str(tmp_path / "train"), str(tmp_path / "held")
-    prepare_data(train, held)
+    prepare_data(train, held, str(tmp_path / "cache"), manifest_path=str(tmp_path / "m.json"), log=lambda *_: None)
     names = sorted(os.listdir(held))
-    assert names == ["camera.png", "chelsea.png", "coffee.png"]
-    assert len(os.listdir(train)) == 17 and not any(n.startswith(".") for n in os.listdir(train))
-    np.testing.assert_array_equal(load_rgb(os.path.join(held, "chelsea.png")), skimage_photos(("chelsea",))["chelsea"])
+    assert names == [".photos-manifest.json", "skimage-camera.png", "skimage-chelsea.png", "skimage-coffee.png"]
+    assert len(os.listdir(train)) == 17                                     # 16 images + the stamp
+    assert "skimage-colorwheel.png" not in os.listdir(train)                # excluded: not a photograph
+    np.testing.assert_array_equal(load_rgb(os.path.join(held, "skimage-chelsea.png")),
+                                  skimage_photos(("chelsea",))["chelsea"])
     # A folder left half-filled (another rank mid-way, or an interrupted run) is completed, not skipped;
     # files already there are left as they are.
-    os.remove(os.path.join(held, "coffee.png"))
-    before = os.stat(os.path.join(held, "camera.png")).st_mtime_ns
-    prepare_data(train, held)
+    os.remove(os.path.join(held, "skimage-coffee.png"))
+    before = os.stat(os.path.join(held, "skimage-camera.png")).st_mtime_ns
+    prepare_data(train, held, str(tmp_path / "cache"), manifest_path=str(tmp_path / "m.json"), log=lambda *_: None)
     assert sorted(os.listdir(held)) == names
-    assert os.stat(os.path.join(held, "camera.png")).st_mtime_ns == before
+    assert os.stat(os.path.join(held, "skimage-camera.png")).st_mtime_ns == before

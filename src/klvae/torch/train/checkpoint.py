@@ -77,12 +77,14 @@ def load_checkpoint(path: str) -> dict:
 
 
 def model_from_checkpoint(path: str, use_ema: bool = True):
-    """The AutoencoderKL a checkpoint holds (EMA weights when it has them and ``use_ema``), in eval mode."""
-    from klvae.config import AutoencoderKLConfig
-    from klvae.torch.model import AutoencoderKL
+    """The model a checkpoint holds (AutoencoderKL, or the class its config names; EMA weights when it has them
+    and ``use_ema``), in eval mode."""
+    from klvae.config import config_from_dict
+    from klvae.torch.auto import model_class
 
     state = load_checkpoint(path)
-    model = AutoencoderKL(config=AutoencoderKLConfig.from_dict(state["model_config"]))
+    config = config_from_dict(state["model_config"])
+    model = model_class(config.class_name)(config=config)
     model.load_state_dict(state["model"], strict=True)
     if use_ema and state.get("ema") is not None:
         ema = state["ema"]["shadow"]

@@ -188,7 +188,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model_config": self.model.config.to_dict(),
+            "model_config": self.model.config.to_diffusers_dict(),  # _class_name: which model class
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "opt": self.opt.state_dict(),
