@@ -98,9 +98,14 @@ class TileOps(Protocol):
 
     Arrays hold rows on axis ``row_axis`` and columns on the next one (NCHW: 2, NHWC: 1). ``join`` concatenates
     arrays along an axis; ``own`` returns an array that holds no memory beyond its own elements (a chunk must
-    not keep a whole tile alive). The node operations compute one node over ``region``
-    from its input, already cut to what the node reads (``got``, clipped to the image: the zero padding to
-    ``wanted`` is the operation's).
+    not keep a whole tile alive); ``begin_pass`` is called before each pass's tiles (scratch buffers go).
+
+    The node operations compute one node over ``region`` from its input, cut to the rectangle the node reads
+    (``got``, clipped to the image; padding it with zeros to ``wanted`` is the operation's): ``conv`` (a CONV or
+    DOWN_CONV node; ``stride`` 1 or 2), ``norm_act_conv`` (given the input's pieces and the GroupNorm's
+    ``(scale, shift)`` from :meth:`scale_shift`), ``up_conv`` (``got`` in input pixels, ``region`` in output
+    pixels). ``moments(groups)`` makes the GroupNorm accumulator a pass fills; ``run_global`` runs a GLOBAL node
+    (the attention) on its whole input.
     """
 
     row_axis: int
