@@ -35,8 +35,22 @@ def zero_pads(wanted: Region, got: Region) -> Pads:
     return got[0] - wanted[0], wanted[1] - got[1], got[2] - wanted[2], wanted[3] - got[3]
 
 
-def _inside(have: Region, want: Region) -> bool:
-    return have[0] <= want[0] and want[1] <= have[1] and have[2] <= want[2] and want[3] <= have[3]
+def relative(have: Region, want: Region) -> Region:
+    """``want`` in the coordinates of an array holding ``have`` (which must contain it)."""
+    if not (have[0] <= want[0] and want[1] <= have[1] and have[2] <= want[2] and want[3] <= have[3]):
+        raise AssertionError(f"region {want} is not inside {have}")
+    return want[0] - have[0], want[1] - have[0], want[2] - have[2], want[3] - have[2]
+
+
+def crop(x: Array, have: Region, want: Region, row_axis: int) -> Array:
+    """The part ``want`` of ``x``, which holds the rectangle ``have`` with rows on ``row_axis`` and columns on
+    the next axis (a view where the array library has them)."""
+    if have == want:
+        return x
+    r0, r1, c0, c1 = relative(have, want)
+    index = [slice(None)] * x.ndim
+    index[row_axis], index[row_axis + 1] = slice(r0, r1), slice(c0, c1)
+    return x[tuple(index)]
 
 
 class GroupMoments:
@@ -82,19 +96,22 @@ class GroupMoments:
 class TileOps(Protocol):
     """The tensor operations a backend supplies to :class:`ExactExecutor`.
 
-    ``crop`` slices a rectangle out of an array holding another (a view where the backend has them); ``join``
-    concatenates arrays along rows or columns; ``own`` returns an array that holds no memory beyond its own
-    elements (a chunk must not keep a whole tile alive). The node operations compute one node over ``region``
-    from its input, already cut to what the node reads (``got``, clipped to the image: the zero padding to
-    ``wanted`` is the operation's).
+    Arrays hold rows on axis ``row_axis`` and columns on the next one (NCHW: 2, NHWC: 1). ``join`` concatenates
+    arrays along an axis; ``own`` returns an array that holds no memory beyond its own elements (a chunk must
+    not keep a whole tile alive); ``begin_pass`` is called before each pass's tiles (scratch buffers go).
+
+    The node operations compute one node over ``region`` from its input, cut to the rectangle the node reads
+    (``got``, clipped to the image; padding it with zeros to ``wanted`` is the operation's): ``conv`` (a CONV or
+    DOWN_CONV node; ``stride`` 1 or 2), ``norm_act_conv`` (given the input's pieces and the GroupNorm's
+    ``(scale, shift)`` from :meth:`scale_shift`), ``up_conv`` (``got`` in input pixels, ``region`` in output
+    pixels). ``moments(groups)`` makes the GroupNorm accumulator a pass fills; ``run_global`` runs a GLOBAL node
+    (the attention) on its whole input.
     """
 
+    row_axis: int
     in_place: bool  # whether whole arrays can be written region by region (else full nodes are stored as chunks)
 
-    def crop(self, x: Array, have: Region, want: Region) -> Array: ...
-
-    def join(self, parts: list[Array], axis: str) -> Array:  # axis: "rows" or "cols"
-        ...
+    def join(self, parts: list[Array], axis: int) -> Array: ...
 
     def own(self, x: Array) -> Array: ...
 
@@ -132,7 +149,7 @@ class Pieces:
         for array, have in self.parts:
             a = (max(have[0], want[0]), min(have[1], want[1]), max(have[2], want[2]), min(have[3], want[3]))
             if a[0] < a[1] and a[2] < a[3]:
-                out.append((self.ops.crop(array, have, a), a))
+                out.append((crop(array, have, a, self.ops.row_axis), a))
         return out
 
     def tensor(self, want: Region) -> Array:
@@ -143,17 +160,16 @@ class Pieces:
         rows: dict[int, list[Array]] = {}
         for array, region in sorted(parts, key=lambda p: (p[1][0], p[1][2])):
             rows.setdefault(region[0], []).append(array)
-        bands = [ts[0] if len(ts) == 1 else self.ops.join(ts, "cols") for _, ts in sorted(rows.items())]
-        return bands[0] if len(bands) == 1 else self.ops.join(bands, "rows")
+        axis = self.ops.row_axis
+        bands = [ts[0] if len(ts) == 1 else self.ops.join(ts, axis + 1) for _, ts in sorted(rows.items())]
+        return bands[0] if len(bands) == 1 else self.ops.join(bands, axis)
 
 
 def take(value: Array | Pieces, have: Region, want: Region, ops: TileOps) -> Array:
     """The rectangle ``want`` of a tile value (an array holding ``have``, or stored :class:`Pieces`)."""
     if isinstance(value, Pieces):
         return value.tensor(want)
-    if not _inside(have, want):
-        raise AssertionError(f"region {want} is not inside {have}")
-    return ops.crop(value, have, want)
+    return crop(value, have, want, ops.row_axis)
 
 
 class WholeStore:
@@ -164,7 +180,7 @@ class WholeStore:
 
     def read(self, region: Region) -> Pieces:
         whole = (0, self.size[0], 0, self.size[1])
-        return Pieces([(self.ops.crop(self.array, whole, region), region)], region, self.ops)
+        return Pieces([(crop(self.array, whole, region, self.ops.row_axis), region)], region, self.ops)
 
     def write(self, key: tuple[int, int], region: Region, value: Array) -> None:
         self.ops.write(self.array, region, value)
@@ -202,7 +218,7 @@ class ChunkStore:
                 if a < first:
                     raise AssertionError(f"chunk {(i, j)} was released above row {first}; row {a} is needed")
                 want = (a, b, max(c0, self.cols[j]), min(c1, self.cols[j + 1]))
-                parts.append((self.ops.crop(array, self.held((i, j)), want), want))
+                parts.append((crop(array, self.held((i, j)), want, self.ops.row_axis), want))
         return Pieces(parts, region, self.ops)
 
     def write(self, key: tuple[int, int], region: Region, value: Array) -> None:
@@ -218,7 +234,8 @@ class ChunkStore:
         array, first = self.chunks[key]
         if keep_from > first:
             held = self.held(key)
-            self.chunks[key] = (self.ops.own(self.ops.crop(array, held, (keep_from, *held[1:]))), keep_from)
+            kept = crop(array, held, (keep_from, *held[1:]), self.ops.row_axis)
+            self.chunks[key] = (self.ops.own(kept), keep_from)
 
     def whole(self) -> Array:
         last = (self.rows[0], self.rows[-1], self.cols[0], self.cols[-1])
@@ -392,5 +409,5 @@ class ExactExecutor:
         return self.norms[node.name]
 
 
-__all__ = ["ChunkStore", "ExactExecutor", "GroupMoments", "Pieces", "TileOps", "WholeStore", "groups_reading",
-           "releases", "take", "zero_pads"]
+__all__ = ["ChunkStore", "ExactExecutor", "GroupMoments", "Pieces", "TileOps", "WholeStore", "crop",
+           "groups_reading", "relative", "releases", "take", "zero_pads"]

@@ -30,16 +30,6 @@ from klvae.weights.flax import flax_module_path
 
 # Above this many bytes of (N, N) attention scores the global attention step attends in query chunks.
 _MAX_ATTENTION_SCORES_BYTES = 1 << 30
-_AXES = {"rows": 1, "cols": 2}
-
-
-def crop(x: jax.Array, have: Region, want: Region) -> jax.Array:
-    """The part ``want`` of ``x``, which holds the rectangle ``have``."""
-    if have == want:
-        return x
-    if not (have[0] <= want[0] and want[1] <= have[1] and have[2] <= want[2] and want[3] <= have[3]):
-        raise AssertionError(f"region {want} is not inside {have}")
-    return x[:, want[0] - have[0]:want[1] - have[0], want[2] - have[2]:want[3] - have[2], :]
 
 
 class GroupNormStats(GroupMoments):
@@ -101,6 +91,7 @@ def _up_conv(x, kernel, bias, *, start: tuple[int, int, int, int], pads: Pads, d
 class FlaxTileOps:
     """The JAX operations of :class:`~klvae.tiling_executor.ExactExecutor`, on ``module``'s parameters."""
 
+    row_axis = 1  # NHWC
     in_place = False  # arrays are immutable: whole nodes are stored as chunks and joined when read whole
 
     def __init__(self, module: Any, params: Any):
@@ -118,11 +109,8 @@ class FlaxTileOps:
         return self.config.act_fn if path.endswith(".nonlinearity") else "silu"  # conv_act is always SiLU
 
     # ------------------------------------------------------------------ arrays
-    def crop(self, x: jax.Array, have: Region, want: Region) -> jax.Array:
-        return crop(x, have, want)
-
-    def join(self, parts: list[jax.Array], axis: str) -> jax.Array:
-        return jnp.concatenate(parts, axis=_AXES[axis])
+    def join(self, parts: list[jax.Array], axis: int) -> jax.Array:
+        return jnp.concatenate(parts, axis=axis)
 
     def own(self, x: jax.Array) -> jax.Array:
         return x  # a slice of a JAX array is an array of its own

@@ -28,7 +28,7 @@ from klvae.tiling_plan import ExactPlan
 
 MODES = ALL_MODES  # this backend runs every mode
 
-__all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "tiled_decode", "tiled_encode"]
+__all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "run_planned", "tiled_decode", "tiled_encode"]
 
 Start = tuple[int, int]
 
@@ -132,9 +132,11 @@ def fits_untiled(model: Any, x: jax.Array, kind: str, memory_limit: float | None
 
 
 def run_planned(model: Any, x: jax.Array, kind: str, untiled: Callable[[], jax.Array],
-                run_exact: Callable[[ExactPlan], jax.Array], stacklevel: int = 2) -> jax.Array:
+                run_exact: Callable[[ExactPlan], jax.Array], stacklevel: int = 3) -> jax.Array:
     """The model's "exact" or "auto" tiling of NHWC ``x`` (:func:`klvae.tiling.run_planned`): ``untiled()`` where
-    the plan or memory allows, else ``run_exact(plan)``. A traced input never falls back after an error."""
+    the plan or memory allows, else ``run_exact(plan)``. A traced input never falls back after an error.
+    ``stacklevel``: the "no plan fits" warning's, counted from the caller (the default suits the model's
+    ``_planned``, called from ``decode``/``encode`` through one helper)."""
     return shared.run_planned(
         model.tiling_mode, model.config, kind, _latent_hw(model, x, kind), x.shape[0], jnp.dtype(model.dtype).itemsize,
         model._tile_sizes()[0], model.tiling_memory_limit, untiled=untiled, run_exact=run_exact,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from klvae.tiling_executor import ExactExecutor, Pads, Pieces, zero_pads
+from klvae.tiling_executor import ExactExecutor, Pads, Pieces, crop, zero_pads
 from klvae.tiling_graph import INPUT, Node, Region
 from klvae.tiling_plan import ExactPlan
 from klvae.torch.attention import Attention, AttnProcessor, ChunkedAttnProcessor
@@ -22,16 +22,6 @@ from klvae.torch.groupnorm_stats import GroupNormStats, apply_norm
 
 # The plain attention processor materialises (N, N) scores; above this many bytes of them, attend in chunks.
 _MAX_ATTENTION_SCORES_BYTES = 1 << 30
-_AXES = {"rows": 2, "cols": 3}
-
-
-def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-    """The part ``want`` of ``x``, which holds the rectangle ``have`` (a view)."""
-    if have == want:
-        return x
-    if not (have[0] <= want[0] and want[1] <= have[1] and have[2] <= want[2] and want[3] <= have[3]):
-        raise AssertionError(f"region {want} is not inside {have}")
-    return x[:, :, want[0] - have[0]:want[1] - have[0], want[2] - have[2]:want[3] - have[2]]
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, pads: Pads) -> torch.Tensor:
@@ -55,6 +45,7 @@ def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class TorchTileOps:
     """The PyTorch operations of :class:`~klvae.tiling_executor.ExactExecutor`, on ``model``'s modules."""
 
+    row_axis = 2  # NCHW
     in_place = True
 
     def __init__(self, model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device):
@@ -68,11 +59,8 @@ class TorchTileOps:
         return self.modules[path]
 
     # ------------------------------------------------------------------ arrays
-    def crop(self, x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
-        return crop(x, have, want)
-
-    def join(self, parts: list[torch.Tensor], axis: str) -> torch.Tensor:
-        return torch.cat(parts, dim=_AXES[axis])
+    def join(self, parts: list[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(parts, dim=axis)
 
     def own(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, or a compact copy where it is a view into a larger tensor (which it would keep alive)."""
@@ -111,7 +99,7 @@ class TorchTileOps:
         if any(pads):
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
         out = upsample_conv(x, conv.weight, conv.bias, padding=0)
-        return crop(out, (2 * lo[0], 2 * lo[1], 2 * lo[2], 2 * lo[3]), region)
+        return crop(out, (2 * lo[0], 2 * lo[1], 2 * lo[2], 2 * lo[3]), region, self.row_axis)
 
     def norm_act_conv(self, node: Node, x: Pieces, wanted: Region, got: Region,
                       norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
