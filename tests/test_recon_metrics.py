@@ -124,7 +124,7 @@ def test_scaling_factor_of_a_tiny_model_against_numpy(tmp_path):
 
 def test_eval_cli_metrics_agree_with_the_trainer_and_numpy():
     torch = pytest.importorskip("torch")
-    from klvae.cli.eval import evaluate, summarize
+    from klvae.torch.train.evaluation import evaluate, summarize
     from klvae.torch.model import AutoencoderKL
     from klvae.torch.train.trainer import evaluate_images
     from klvae.train.data import to_model_input, to_uint8

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Any
 
 import jax
@@ -284,20 +283,8 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
         """Exact or auto tiling: ``method`` untiled where the plan (or, for auto, memory) allows."""
         if self.is_initializing():
             return method(self, x, deterministic)
-        limit = self.tiling_memory_limit
-        if self.tiling_mode == "auto" and tiling.fits_untiled(self, x, kind, limit):
-            try:
-                return self._untiled(method, x, deterministic)
-            except Exception as e:  # an out-of-memory error falls back to exact tiling
-                if not tiling.is_out_of_memory(e) or isinstance(x, jax.core.Tracer):
-                    raise
-        plan = tiling.exact_plan(self, x, kind, self._tile_sizes()[0], limit)
-        if plan.grid.count == 1:  # fits one tile: nothing to split
-            return self._untiled(method, x, deterministic)
-        if limit is not None and plan.peak_bytes > limit:
-            warnings.warn(f"exact tiling: no plan found within memory_limit={limit:.3g} bytes; the leanest plan "
-                          f"found needs about {plan.peak_bytes:.3g}", ResourceWarning, stacklevel=3)
-        return run_exact(self, self.variables["params"], plan, x)
+        return tiling.run_planned(self, x, kind, untiled=lambda: self._untiled(method, x, deterministic),
+                                  run_exact=lambda plan: run_exact(self, self.variables["params"], plan, x))
 
     def _untiled(self, method: Any, x: jax.Array, deterministic: bool) -> jax.Array:
         """``method`` on the whole input: inline when traced, else as one compiled program (exact and auto

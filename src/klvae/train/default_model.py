@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_data:
         return 0
     if args.latent_scale is not None:
-        from klvae.cli.eval import load_any_model
+        from klvae.torch.train.evaluation import load_any_model
         from klvae.train.latent_scale import model_scaling_factor
 
         model = load_any_model(args.latent_scale or None)

@@ -58,7 +58,7 @@ def eval_photo_paths() -> dict[str, dict[str, str]]:
 def evaluate_photos(model, lpips=None) -> dict:
     """Per-image metrics and per-group summaries: ``{"groups": {group: {"images": rows, "summary": ...}},
     "all": summary}``."""
-    from klvae.cli.eval import evaluate, print_table, summarize
+    from klvae.torch.train.evaluation import evaluate, print_table, summarize
     from klvae.train.data import center_crop, load_rgb
 
     f = model.config.downsample_factor
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from klvae.cli.eval import load_any_model
+    from klvae.torch.train.evaluation import load_any_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
