@@ -59,7 +59,7 @@ def test_encode_equals_the_models_encode_with_metadata(tmp_path, model_dir, mode
         assert meta["scaled"] is False and meta["posterior"] == "mode" and meta["model"] == model_dir
         assert meta["source_size"] == list(read_image(path).size)
         assert meta["scaling"] == {"scaling_factor": 1.5, "shift_factor": 0.25, "latents_mean": None,
-                                   "latents_std": None}
+                                   "latents_std": None, "patch_size": None}
         assert meta["config"]["block_out_channels"] == [8, 16, 16]
 
 
