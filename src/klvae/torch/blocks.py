@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from klvae.torch.attention import Attention
+from klvae.torch.fused import group_norm_act
 from klvae.torch.norm import group_norm
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -36,11 +37,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv1(group_norm_act(x, self.norm1, self.nonlinearity))
         # One step per statement: rebinding ``h`` frees each intermediate before the next one is allocated
         # (a nested call would keep conv1's output alive until conv2 returns: one more full-size tensor at peak).
-        h = self.norm2(h)
-        h = self.nonlinearity(h)
+        h = group_norm_act(h, self.norm2, self.nonlinearity)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             # In training, a contiguous input keeps DDP's gradient strides consistent (diffusers does the same).
