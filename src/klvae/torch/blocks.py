@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from klvae.torch.attention import Attention
 from klvae.torch.fused import group_norm_act
@@ -67,10 +68,28 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv(x, self.conv.weight, self.conv.bias, padding=1)
+        w = self.conv.weight
+        return upsample_conv(x, w, self.conv.bias, padding=1, kernels=_cached_phase_kernels(w))
 
 
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+# weight -> ((version, data pointer, dtype, device), its phase kernels); entries go with their weight tensor.
+_PHASE_CACHE = WeakIdKeyDictionary()
+
+
+def _cached_phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_phase_kernels` of ``weight``, kept while that tensor's data is unchanged (its version counter, storage,
+    dtype and device) and no gradient has to flow through them: building them is a pass over the weights."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        return _phase_kernels(weight)
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    hit = _PHASE_CACHE.get(weight)
+    if hit is None or hit[0] != key:
+        hit = _PHASE_CACHE[weight] = (key, _phase_kernels(weight))
+    return hit[1]
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+                  kernels: torch.Tensor | None = None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` without building the upsampled tensor.
 
     Each output pixel (2i + a, 2j + b) sees a 3x3 window of the upsampled image that covers only 2x2 input
@@ -82,7 +101,8 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     b, _, h, w = x.shape
     c_out = weight.shape[0]
     oh, ow = h + 2 * padding - 2, w + 2 * padding - 2       # output size / 2
-    kernels = _phase_kernels(weight)                          # (4 * c_out, c_in, 2, 2), phase-major
+    if kernels is None:
+        kernels = _phase_kernels(weight)                      # (4 * c_out, c_in, 2, 2), phase-major
     biases = bias.repeat(4) if bias is not None else None
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     # out[n, c, i, a, j, b] is output pixel (2i + a, 2j + b); a channels-last input gets a channels-last output.

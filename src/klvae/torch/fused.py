@@ -59,15 +59,16 @@ def group_norm_expr(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
                     eps: float, act: str | None = None) -> torch.Tensor:
     """The traced form (see the module docstring), differentiable."""
     b, c = x.shape[:2]
-    grouped = x.float().reshape(b, groups, -1)
+    work = torch.promote_types(x.dtype, torch.float32)          # float32 for half precision, float64 stays
+    grouped = x.to(work).reshape(b, groups, -1)
     d = grouped - grouped.mean(dim=2, keepdim=True)          # exact near the mean: the cancellation is here
     delta = d.mean(dim=2, keepdim=True)                       # what float32 rounding left out of that mean
     rstd = ((d.square().mean(dim=2, keepdim=True) - delta.square()).clamp_min(0) + eps).rsqrt()
     y = ((d - delta) * rstd).view(b, c, -1)
     if weight is not None:
-        y = y * weight.float().view(1, c, 1)
+        y = y * weight.to(work).view(1, c, 1)
     if bias is not None:
-        y = y + bias.float().view(1, c, 1)
+        y = y + bias.to(work).view(1, c, 1)
     y = getattr(F, act)(y) if act else y
     return y.view(x.shape).to(x.dtype).contiguous(memory_format=_layout(x))
 
