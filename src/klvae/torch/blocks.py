@@ -142,38 +142,41 @@ def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(phases).to(weight.dtype)
 
 
-class DownEncoderBlock2D(nn.Module):
+class _ResnetStack(nn.Module):
+    """``num_layers`` resnets (the first changes the channels), then the resampler, if any, in a list named
+    ``resampler_name`` (diffusers' ``downsamplers``/``upsamplers``: the state_dict keys)."""
+
+    resampler_name: str
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
+                 resampler: Callable[[int], nn.Module] | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+            for i in range(num_layers))
+        setattr(self, self.resampler_name, nn.ModuleList([resampler(out_channels)]) if resampler else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        resamplers = getattr(self, self.resampler_name)
+        return resamplers[0](x) if resamplers is not None else x
+
+
+class DownEncoderBlock2D(_ResnetStack):
+    resampler_name = "downsamplers"
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
                  add_downsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers))
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn, Downsample2D if add_downsample else None)
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(_ResnetStack):
+    resampler_name = "upsamplers"
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
                  add_upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn, Upsample2D if add_upsample else None)
 
 
 class UNetMidBlock2D(nn.Module):
