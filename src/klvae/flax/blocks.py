@@ -111,7 +111,10 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype
     y = y.reshape(b, h + 1, w + 1, 4, c_out)       # (B, H + 1, W + 1, phase, C_out), phase = 2a + b
     # Phase (a, b) of input pixel (i, j) sits at y[i + a, j + b]: output pixel (2i + a, 2j + b).
     out = jnp.stack([y[:, a:a + h, p:p + w, 2 * a + p] for a in (0, 1) for p in (0, 1)], axis=3)
-    out = out.reshape(b, h, w, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c_out)
+    out = out.reshape(b, h, w, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+    # Merging axes of a batch-sharded array needs its output sharding spelled out under explicit-sharding meshes:
+    # the input's (batch axis as it was, the others whole).
+    out = jnp.reshape(out, (b, 2 * h, 2 * w, c_out), out_sharding=jax.typeof(x).sharding)
     return out + bias.astype(dtype) if bias is not None else out
 
 
