@@ -257,23 +257,25 @@ def test_compile_fullgraph_native_bfloat16_channels_last(monkeypatch):
     half = copy.deepcopy(ours).to(torch.bfloat16)
     roundtrip = _compiled_roundtrip(half)
     with torch.no_grad():
-        got = roundtrip(x.bfloat16())
-        assert rel_err(got, half(x.bfloat16()).sample) <= 3e-2
-        assert rel_err(got, theirs(x).sample) <= 5e-2
+        got, eager, reference = roundtrip(x.bfloat16()), half(x.bfloat16()).sample, theirs(x).sample
+    # Compiled and eager round to bf16 at different places (inductor keeps fused intermediates in float32):
+    # each is within bf16 error of float32, so of each other within twice that.
+    assert rel_err(got, reference) <= 5e-2 and rel_err(eager, reference) <= 5e-2
+    assert rel_err(got, eager) <= 5e-2
 
 
 @pytest.mark.slow
 def test_compile_fullgraph_float16_overflow_fallback():
     """The float16 overflow check inside a compiled decode: torch.cond recomputes in float32 without a graph
     break."""
+    import torch._dynamo
+
     _, ours = _overflowing_pair()
     z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(3)) * 3
     with torch.no_grad():
         reference = copy.deepcopy(ours).half().float().decode(z).sample
         half = ours.half()
         half.compute_dtype = torch.float16
-        import torch._dynamo
-
         torch._dynamo.reset()
         decode = torch.compile(lambda v: half.decode(v).sample, fullgraph=True, dynamic=False)
         got = decode(z.half())
