@@ -120,7 +120,7 @@ def run_one(args) -> dict:
     compile_seconds = None
     if args.impl == "klvae+compile":
         call = torch.compile(call, fullgraph=True, dynamic=False)
-    times = []
+    times, cpu_times = [], []   # wall, and CPU time of all threads (less sensitive to other jobs on the machine)
     with torch.no_grad():
         t0 = time.perf_counter()
         out = call(x)
@@ -131,9 +131,10 @@ def run_one(args) -> dict:
             times = [first]
         else:
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = call(x)
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
         check = time.perf_counter()
         finite = bool(torch.isfinite(out).all())
         finite_check_seconds = time.perf_counter() - check
@@ -141,6 +142,7 @@ def run_one(args) -> dict:
     path = os.path.join(args.outputs, f"{args.op}_{args.size}_{args.impl}_{args.dtype}.npy")
     np.save(path, out.float().numpy())
     return dict(impl=args.impl, dtype=args.dtype, op=args.op, size=args.size, seconds=statistics.median(times),
+                cpu_seconds=statistics.median(cpu_times) if cpu_times else None,
                 runs=len(times), compile_seconds=compile_seconds, finite=finite,
                 finite_check_seconds=round(finite_check_seconds, 5),
                 peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -7,8 +7,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from klvae.torch.attention import Attention
+from klvae.torch.fused import group_norm_act
 from klvae.torch.norm import group_norm
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -36,11 +38,10 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv1(group_norm_act(x, self.norm1, self.nonlinearity))
         # One step per statement: rebinding ``h`` frees each intermediate before the next one is allocated
         # (a nested call would keep conv1's output alive until conv2 returns: one more full-size tensor at peak).
-        h = self.norm2(h)
-        h = self.nonlinearity(h)
+        h = group_norm_act(h, self.norm2, self.nonlinearity)
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             # In training, a contiguous input keeps DDP's gradient strides consistent (diffusers does the same).
@@ -67,10 +68,28 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_conv(x, self.conv.weight, self.conv.bias, padding=1)
+        w = self.conv.weight
+        return upsample_conv(x, w, self.conv.bias, padding=1, kernels=_cached_phase_kernels(w))
 
 
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+# weight -> ((version, data pointer, dtype, device), its phase kernels); entries go with their weight tensor.
+_PHASE_CACHE = WeakIdKeyDictionary()
+
+
+def _cached_phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_phase_kernels` of ``weight``, kept while that tensor's data is unchanged (its version counter, storage,
+    dtype and device) and no gradient has to flow through them: building them is a pass over the weights."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        return _phase_kernels(weight)
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    hit = _PHASE_CACHE.get(weight)
+    if hit is None or hit[0] != key:
+        hit = _PHASE_CACHE[weight] = (key, _phase_kernels(weight))
+    return hit[1]
+
+
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+                  kernels: torch.Tensor | None = None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` without building the upsampled tensor.
 
     Each output pixel (2i + a, 2j + b) sees a 3x3 window of the upsampled image that covers only 2x2 input
@@ -82,7 +101,8 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     b, _, h, w = x.shape
     c_out = weight.shape[0]
     oh, ow = h + 2 * padding - 2, w + 2 * padding - 2       # output size / 2
-    kernels = _phase_kernels(weight)                          # (4 * c_out, c_in, 2, 2), phase-major
+    if kernels is None:
+        kernels = _phase_kernels(weight)                      # (4 * c_out, c_in, 2, 2), phase-major
     biases = bias.repeat(4) if bias is not None else None
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     # out[n, c, i, a, j, b] is output pixel (2i + a, 2j + b); a channels-last input gets a channels-last output.
@@ -122,38 +142,41 @@ def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(phases).to(weight.dtype)
 
 
-class DownEncoderBlock2D(nn.Module):
+class _ResnetStack(nn.Module):
+    """``num_layers`` resnets (the first changes the channels), then the resampler, if any, in a list named
+    ``resampler_name`` (diffusers' ``downsamplers``/``upsamplers``: the state_dict keys)."""
+
+    resampler_name: str
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
+                 resampler: Callable[[int], nn.Module] | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+            for i in range(num_layers))
+        setattr(self, self.resampler_name, nn.ModuleList([resampler(out_channels)]) if resampler else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        resamplers = getattr(self, self.resampler_name)
+        return resamplers[0](x) if resamplers is not None else x
+
+
+class DownEncoderBlock2D(_ResnetStack):
+    resampler_name = "downsamplers"
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
                  add_downsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers))
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn, Downsample2D if add_downsample else None)
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(_ResnetStack):
+    resampler_name = "upsamplers"
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
                  add_upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn, Upsample2D if add_upsample else None)
 
 
 class UNetMidBlock2D(nn.Module):

@@ -14,6 +14,7 @@ from klvae.config import AutoencoderKLConfig, resolve_config
 from klvae.errors import InputShapeError
 from klvae.torch.attention import Attention, AttnProcessor, AttnProcessor2_0
 from klvae.torch.blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+from klvae.torch.fused import group_norm_act
 from klvae.torch.norm import group_norm
 from klvae.torch.loading import PretrainedMixin
 from klvae.torch.outputs import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
@@ -55,7 +56,7 @@ class Encoder(_Checkpointed):
         for block in self.down_blocks:
             x = self._run(block, x)
         x = self._run(self.mid_block, x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_act(x, self.conv_norm_out, self.conv_act))
 
 
 class Decoder(_Checkpointed):
@@ -79,7 +80,7 @@ class Decoder(_Checkpointed):
         x = self._run(self.mid_block, x)
         for block in self.up_blocks:
             x = self._run(block, x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_act(x, self.conv_norm_out, self.conv_act))
 
 
 class AutoencoderKL(PretrainedMixin, nn.Module):

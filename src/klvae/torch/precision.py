@@ -27,8 +27,7 @@ from torch import nn
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def _cpu_supports(dtype: torch.dtype) -> bool:
+def _probe_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU runs ``dtype`` convolutions and GEMMs natively (oneDNN's own capability checks)."""
     try:
         if dtype == torch.bfloat16:
@@ -37,6 +36,15 @@ def _cpu_supports(dtype: torch.dtype) -> bool:
     except (AttributeError, RuntimeError):  # older builds: fall back to the instruction-set flags
         cpu = torch.backends.cpu.get_cpu_capability()
         return dtype == torch.bfloat16 and cpu.startswith("AVX512")
+
+
+# Probed once, at import: traced code (torch.compile) only reads this table. dynamo cannot trace the probes
+# themselves (they return a bool from an operator).
+_CPU_NATIVE: dict[torch.dtype, bool] = {dtype: _probe_cpu(dtype) for dtype in _HALF}
+
+
+def _cpu_supports(dtype: torch.dtype) -> bool:
+    return _CPU_NATIVE[dtype]
 
 
 def fast_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -70,10 +78,16 @@ def run_in(modules: list[nn.Module], dtype: torch.dtype, fn: Callable[[torch.Ten
     """``fn(x)`` computed in ``dtype`` (``modules``' weights cast for the call), returned in ``x``'s dtype."""
     if x.dtype == dtype and all(p.dtype == dtype for m in modules for p in m.parameters()):
         return fn(x)
+    with _parameters_of_all_in(modules, dtype):
+        return fn(x.to(dtype)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _parameters_of_all_in(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for m in modules:
             stack.enter_context(parameters_in(m, dtype))
-        return fn(x.to(dtype)).to(x.dtype)
+        yield
 
 
 def fast_memory_format(dtype: torch.dtype, device: torch.device) -> torch.memory_format:
@@ -91,11 +105,24 @@ def compute(modules: list[nn.Module], dtype: torch.dtype, fn: Callable[[torch.Te
     if fast_memory_format(dtype, x.device) == torch.channels_last and x.ndim == 4:
         fn = _channels_last(fn)
     out = run_in(modules, dtype, fn, x)
-    if dtype != torch.float16 or bool(torch.isfinite(out).all()) or not bool(torch.isfinite(x).all()):
+    if dtype != torch.float16:
+        return out
+    if torch.compiler.is_compiling():
+        # No data-dependent Python branch in a traced graph: both ways are in it, torch.cond picks one at run time.
+        # The float32 weights are cast outside it (a branch may not swap module attributes).
+        with _parameters_of_all_in(modules, torch.float32):
+            return torch.cond(_overflowed(out, x), lambda o, v: fn(v.float()).to(v.dtype), lambda o, v: o.clone(),
+                              (out, x))
+    if not bool(_overflowed(out, x)):
         return out
     _warn_overflow(what)
     del out
     return run_in(modules, torch.float32, fn, x)
+
+
+def _overflowed(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool: ``out`` has inf/NaN although ``x`` has none."""
+    return torch.isfinite(x).all() & ~torch.isfinite(out).all()
 
 
 def _channels_last(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
