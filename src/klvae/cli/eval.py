@@ -35,20 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from klvae.torch.train.evaluation import evaluate, load_any_model, print_table, summarize
+    from klvae.torch.train.evaluation import evaluate, load_model_and_lpips, print_table, summarize
     from klvae.train.data import load_eval_images
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_any_model(args.model, use_ema=not args.no_ema)
-    lpips = None
-    if args.lpips != "no":
-        from klvae.torch.train.lpips import LPIPS, find_weights
-
-        if args.lpips == "yes" or find_weights() is not None:
-            lpips = LPIPS()
+    model, lpips = load_model_and_lpips(args.model, not args.no_ema, args.lpips, args.threads)
     paths, images = load_eval_images(args.image_dir, args.size, model.config.downsample_factor, args.limit)
     values = evaluate(model, images, lpips)
     rows = print_table([os.path.relpath(p, args.image_dir) for p in paths], images, values)

@@ -109,19 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print the report as a Markdown table")
     args = parser.parse_args(argv)
 
-    import torch
+    from klvae.torch.train.evaluation import load_model_and_lpips
 
-    from klvae.torch.train.evaluation import load_any_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_any_model(args.model, use_ema=not args.no_ema)
-    lpips = None
-    if args.lpips != "no":
-        from klvae.torch.train.lpips import LPIPS, find_weights
-
-        if args.lpips == "yes" or find_weights() is not None:
-            lpips = LPIPS()
+    model, lpips = load_model_and_lpips(args.model, not args.no_ema, args.lpips, args.threads)
     report = evaluate_photos(model, lpips)
     if args.markdown:
         print(markdown(report))

@@ -33,29 +33,32 @@ def load_any_model(path: str | None, use_ema: bool = True):
 
 def evaluate(model, images: list, lpips=None) -> dict[str, list[float]]:
     """Per-image metrics of uint8 HWC images reconstructed through the posterior mode: PSNR, SSIM (and LPIPS
-    when given; all as ``evaluate_images`` of the trainer computes them) plus the colour and border metrics."""
-    import torch
-
-    from klvae.torch.train.metrics import psnr, ssim, to_unit
-    from klvae.train.data import to_model_input, to_uint8
+    when given), as the trainer's ``evaluate_images`` computes them, plus the colour and border metrics."""
+    from klvae.torch.train.trainer import evaluate_images
     from klvae.train.recon_metrics import reconstruction_metrics
 
-    out: dict[str, list[float]] = {"psnr": [], "ssim": []}
-    if lpips is not None:
-        out["lpips"] = []
-    param = next(model.parameters())
-    for image in images:
-        x = torch.from_numpy(to_model_input(image[None])).to(param.device)
-        with torch.no_grad():
-            rec = model(x.to(param.dtype)).sample.float()
-            a, b = to_unit(x), to_unit(rec)
-            out["psnr"].append(float(psnr(a, b)[0]))
-            out["ssim"].append(float(ssim(a, b)[0]))
-            if lpips is not None:
-                out["lpips"].append(float(lpips(x, rec.clamp(-1, 1)).flatten()[0]))
-        for key, value in reconstruction_metrics(image, to_uint8(rec.cpu().numpy())[0]).items():
+    reconstructions: list = []
+    out = evaluate_images(model, images, lpips, reconstructions)
+    for image, rec in zip(images, reconstructions):
+        for key, value in reconstruction_metrics(image, rec).items():
             out.setdefault(key, []).append(value)
     return out
+
+
+def load_model_and_lpips(model: str | None, use_ema: bool, lpips: str, threads: int = 0):
+    """``(model, LPIPS module or None)`` as ``klvae eval``'s options name them: ``lpips`` is "yes", "no" or
+    "auto" (when its weights are installed); ``threads`` > 0 sets torch's thread count."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded, metric = load_any_model(model, use_ema=use_ema), None
+    if lpips != "no":
+        from klvae.torch.train.lpips import LPIPS, find_weights
+
+        if lpips == "yes" or find_weights() is not None:
+            metric = LPIPS()
+    return loaded, metric
 
 
 def print_table(names: list[str], images: list, values: dict[str, list[float]]) -> list[dict]:

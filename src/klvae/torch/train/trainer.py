@@ -432,9 +432,10 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_images(model: AutoencoderKL, images: list[np.ndarray], lpips: nn.Module | None = None
-                    ) -> dict[str, list[float]]:
-    """Per-image PSNR/SSIM (and LPIPS when given) of uint8 HWC images reconstructed through the posterior mode."""
+def evaluate_images(model: AutoencoderKL, images: list[np.ndarray], lpips: nn.Module | None = None,
+                    reconstructions: list[np.ndarray] | None = None) -> dict[str, list[float]]:
+    """Per-image PSNR/SSIM (and LPIPS when given) of uint8 HWC images reconstructed through the posterior mode;
+    each reconstruction (uint8 HWC) is appended to ``reconstructions`` when a list is given."""
     out: dict[str, list[float]] = {"psnr": [], "ssim": []}
     if lpips is not None:
         out["lpips"] = []
@@ -447,4 +448,6 @@ def evaluate_images(model: AutoencoderKL, images: list[np.ndarray], lpips: nn.Mo
         out["ssim"].append(float(ssim(a, b)[0]))
         if lpips is not None:
             out["lpips"].append(float(lpips(x, rec.clamp(-1, 1)).flatten()[0]))
+        if reconstructions is not None:
+            reconstructions.append(to_uint8(rec.cpu().numpy())[0])
     return out
