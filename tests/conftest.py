@@ -99,3 +99,21 @@ def diffusers_pair(fields: dict, seed: int = 0):
     ours = klvae.AutoencoderKL(**fields)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs.eval(), ours.eval()
+
+
+def wait_for_server(url: str, path: str, proc, seconds: float) -> None:
+    """Poll ``url + path`` until it answers 200; fail with the server's stderr if ``proc`` exits first."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if requests.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"the server did not answer {path} in {seconds} s"
+        time.sleep(0.2)

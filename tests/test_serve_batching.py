@@ -22,7 +22,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 requests = pytest.importorskip("requests")
 remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
 
-from conftest import TINY_CONFIGS, rel_err, saved_model  # noqa: E402
+from conftest import TINY_CONFIGS, rel_err, saved_model, wait_for_server  # noqa: E402
 
 from klvae.serve import Engine, MicroBatcher, ServerThread, ServeSettings, create_app  # noqa: E402
 from klvae.serve.errors import Unavailable  # noqa: E402
@@ -340,16 +340,7 @@ def test_cli_serves_with_token_and_stops_on_sigterm(model_dir, local):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_for_server(url, "/health", proc, 90)
         assert requests.get(f"{url}/info", timeout=TIMEOUT).status_code == 401
         info = requests.get(f"{url}/info", headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT).json()
         assert info["batching"]["max_batch"] == 4

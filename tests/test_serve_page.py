@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ requests = pytest.importorskip("requests")
 Image = pytest.importorskip("PIL.Image")
 
 from browser import Browser, chromium_binary  # noqa: E402
-from conftest import TINY_CONFIGS, saved_model  # noqa: E402
+from conftest import TINY_CONFIGS, saved_model, wait_for_server  # noqa: E402
 
 import klvae  # noqa: E402
 from klvae.serve import Engine, ServerThread, ServeSettings, create_app  # noqa: E402
@@ -176,16 +175,7 @@ def cli_server():
                              "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:  # /ready is open to probes without the token
-            try:
-                if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+        wait_for_server(url, "/ready", proc, 120)  # /ready is open to probes without the token
         yield url
     finally:
         proc.terminate()
