@@ -39,6 +39,8 @@ import time
 import numpy as np
 import requests
 
+from klvae.serve.probe import wait_until_answering
+
 CONFIGS = {
     # SD-shaped (4 blocks, 2 resnets per block, f = 8) at a quarter of SD's width: big enough that a batch-1
     # decode is dominated by per-layer work a batch shares, small enough for a CPU.
@@ -77,16 +79,7 @@ class Server:
         cmd = [sys.executable, "-m", "klvae.serve", "--model", model, "--port", str(self.port),
                "--max-batch", str(max_batch), "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {self.proc.stderr.read()}")
-            time.sleep(0.2)
+        wait_until_answering(f"{self.url}/health", self.proc, 180)
 
     def cpu_s(self) -> float | None:
         """CPU time the server process has used (all threads), from /proc; None where there is no /proc."""

@@ -15,15 +15,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-import requests
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from browser import Browser  # noqa: E402
 
 import klvae  # noqa: E402
+from klvae.serve.probe import wait_until_answering  # noqa: E402
 
 
 def main() -> None:
@@ -35,15 +34,7 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "klvae.cli", "serve", "--port", str(port), "--log-level",
                                "warning"])
     try:
-        while True:
-            try:
-                if requests.get(f"{url}/ready", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
+        wait_until_answering(f"{url}/ready", server)
         with tempfile.TemporaryDirectory() as tmp:
             photo = os.path.join(tmp, "chelsea.png")
             cat = Image.open(os.path.join(os.path.dirname(klvae.__file__), "data", "chelsea.png")).convert("RGB")

@@ -103,17 +103,6 @@ def diffusers_pair(fields: dict, seed: int = 0):
 
 def wait_for_server(url: str, path: str, proc, seconds: float) -> None:
     """Poll ``url + path`` until it answers 200; fail with the server's stderr if ``proc`` exits first."""
-    import time
+    from klvae.serve.probe import wait_until_answering
 
-    import requests
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if requests.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, f"the server did not answer {path} in {seconds} s"
-        time.sleep(0.2)
+    wait_until_answering(f"{url}{path}", proc, seconds)
