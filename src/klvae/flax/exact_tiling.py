@@ -162,13 +162,17 @@ class FlaxTileOps:
 
     def run_global(self, node: Node, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
+        return _apply_attention(self.attention_block(c, b, h * w, h * w), self.tree(node.module), x)
+
+    def attention_block(self, channels: int, batch: int, queries: int, keys: int) -> FlaxAttentionBlock:
+        """The attention as a detached module, attending in query chunks where the (queries x keys) scores
+        would exceed ``_MAX_ATTENTION_SCORES_BYTES``."""
         chunk = None
-        if b * (h * w) ** 2 * 4 > _MAX_ATTENTION_SCORES_BYTES:
-            chunk = max(1, _MAX_ATTENTION_SCORES_BYTES // (b * h * w * 4))
-        block = FlaxAttentionBlock(c, self.config.norm_num_groups, dtype=self.module.dtype,
-                                   param_dtype=self.module.param_dtype, precision=self.module.precision,
-                                   query_chunk_size=chunk, parent=None)  # a detached module
-        return _apply_attention(block, self.tree(node.module), x)
+        if batch * queries * keys * 4 > _MAX_ATTENTION_SCORES_BYTES:
+            chunk = max(1, _MAX_ATTENTION_SCORES_BYTES // (batch * keys * 4))
+        return FlaxAttentionBlock(channels, self.config.norm_num_groups, dtype=self.module.dtype,
+                                  param_dtype=self.module.param_dtype, precision=self.module.precision,
+                                  query_chunk_size=chunk, parent=None)
 
 
 @functools.partial(jax.jit, static_argnums=0)

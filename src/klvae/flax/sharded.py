@@ -11,7 +11,7 @@ every resolution, scaled), and
   band order with Chan's formula (:class:`~klvae.flax.exact_tiling.GroupNormStats`), so its statistics are the
   whole tensor's;
 - the mid-block attention gathers the latent-resolution activation once (1/64 of the image's pixels in the SD
-  architecture), attends over all of it, and keeps its own band.
+  architecture) for its keys, values and GroupNorm statistics; each device attends with its own band's queries.
 
 Rows that do not divide evenly are padded at the bottom to ``N R`` latent rows; the padded rows are zeroed before
 every convolution and left out of every GroupNorm's statistics, so they change nothing, and they are cropped from
@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from klvae.errors import ConfigError
 from klvae.flax.exact_tiling import FlaxTileOps, GroupNormStats, _conv, _up_conv, norm_act
@@ -50,7 +50,8 @@ def check_mesh(mesh: Any, axis: str | None) -> str:
 def run_sharded(module: Any, params: Any, kind: str, x: jax.Array, mesh: Mesh, axis: str | None = None) -> jax.Array:
     """Decode latents or encode images (``kind``), NHWC in and out, in row bands over ``mesh`` axis ``axis``.
 
-    Works eagerly and under ``jax.jit``; the result is laid out in the same row bands.
+    Works eagerly and under ``jax.jit``; the result is laid out in the same row bands where the latent rows split
+    evenly over the axis, else gathered whole on every device.
     """
     axis = check_mesh(mesh, axis)
     graph = graph_for(module.config, kind)
@@ -59,11 +60,22 @@ def run_sharded(module: Any, params: Any, kind: str, x: jax.Array, mesh: Mesh, a
     latent_rows = x.shape[1] // scale_in
     band = math.ceil(latent_rows / n)  # latent rows per device
     padded = jnp.pad(x, ((0, 0), (0, (n * band - latent_rows) * scale_in), (0, 0), (0, 0)))
+    rows, whole = PartitionSpec(None, axis), PartitionSpec()
     bands = Bands(module, graph, axis, n, band, latent_rows)
-    run = jax.shard_map(bands.run, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(None, axis)),
-                        out_specs=PartitionSpec(None, axis))
-    out = run(params, padded)
-    return out[:, :latent_rows * graph[graph.output].scale]
+    run = jax.shard_map(bands.run, mesh=mesh, in_specs=(whole, rows), out_specs=rows)
+    out = run(jax.tree_util.tree_map(lambda p: place(p, mesh, whole), params), place(padded, mesh, rows))
+    if n * band == latent_rows:
+        return out
+    # Uneven bands: the padding rows go, and the result is gathered whole (a band layout needs equal bands).
+    return place(out, mesh, whole)[:, :latent_rows * graph[graph.output].scale]
+
+
+def place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """``x`` laid out as ``spec`` on ``mesh`` (explicit axes: resharded; automatic ones: constrained)."""
+    sharding = NamedSharding(mesh, spec)
+    if AxisType.Explicit in getattr(mesh, "axis_types", ()):
+        return jax.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Bands:
@@ -146,12 +158,14 @@ class Bands:
         raise ValueError(f"cannot compute a {node.op} node over a band")
 
     def global_step(self, node: Node, x: jax.Array, scale: int) -> jax.Array:
-        """The attention over the whole tensor (gathered from every band, padding cropped); this band kept."""
+        """The attention for this band's queries, over keys and values (and GroupNorm statistics) of the whole
+        tensor, gathered from every band with the padding rows cropped."""
         rows = self.band * scale
         whole = jax.lax.all_gather(x, self.axis, axis=1, tiled=True)[:, :self.latent_rows * scale]
-        out = self.ops.run_global(node, whole)
-        out = jnp.pad(out, ((0, 0), (0, self.devices * rows - out.shape[1]), (0, 0), (0, 0)))
-        return jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(self.axis) * rows, rows, axis=1)
+        b, h, w, c = whole.shape
+        block = self.ops.attention_block(c, b, rows * w, h * w)
+        start = jax.lax.axis_index(self.axis) * rows
+        return block.apply({"params": self.ops.tree(node.module)}, whole, start, rows, method="band")
 
 
 __all__ = ["Bands", "check_mesh", "run_sharded"]
