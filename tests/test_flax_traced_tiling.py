@@ -112,5 +112,5 @@ def test_sharded_over_two_devices_equals_untiled():
         assert result[case] <= FP32_TOL, (case, result)
     # halos by collective permute, GroupNorm moments and the attention's input by all-gather
     assert result["collective_permutes"] > 0 and result["all_gathers"] > 0
-    # each device holds about half the activations
-    assert result["temp_sharded"] <= 0.6 * result["temp_single"], result
+    # each device holds about half the activations (and at this size none of the untiled attention's scores)
+    assert result["temp_sharded"] <= 0.55 * result["temp_single"], result

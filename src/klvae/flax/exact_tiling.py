@@ -1,12 +1,13 @@
 """Run an :class:`~klvae.tiling_plan.ExactPlan` with JAX: the array operations of the shared executor.
 
 The plan (shared with the PyTorch backend) says which nodes each pass computes over which rectangles, and the
-executor skeleton (:mod:`klvae.tiling_executor`) walks it. This module supplies the arrays. It runs eagerly, one
+executor skeleton (:mod:`klvae.tiling_executor`) walks it. This module supplies the arrays. Eagerly it runs one
 jitted operation per node and tile, so that memory follows the plan: stored nodes are kept as per-tile chunks
-and dropped after the last tile that reads them, and everything else is freed as soon as Python drops it. Under
-``jax.jit`` none of that would hold (XLA schedules the whole graph at once), so a traced input is refused.
+and dropped after the last tile that reads them, and everything else is freed as soon as Python drops it;
 GroupNorm statistics are accumulated per tile in float64 on the host (Chan's parallel formula), so the
-normalisation is that of the whole tensor.
+normalisation is that of the whole tensor. Under ``jax.jit`` the same walk traces into one program
+(:class:`TracedExecutor`): the moments stay float32 device arrays, and the tiles are put in sequence by
+optimization barriers so that XLA does not interleave them.
 
 Arrays are NHWC; regions are ``(r0, r1, c0, c1)`` in a node's own pixels (see :mod:`klvae.tiling_graph`).
 """
@@ -164,12 +165,13 @@ class FlaxTileOps:
         b, h, w, c = x.shape
         return _apply_attention(self.attention_block(c, b, h * w, h * w), self.tree(node.module), x)
 
-    def attention_block(self, channels: int, batch: int, queries: int, keys: int) -> FlaxAttentionBlock:
-        """The attention as a detached module, attending in query chunks where the (queries x keys) scores
-        would exceed ``_MAX_ATTENTION_SCORES_BYTES``."""
+    def attention_block(self, channels: int, batch: int, queries: int, keys: int,
+                        max_scores_bytes: int = _MAX_ATTENTION_SCORES_BYTES) -> FlaxAttentionBlock:
+        """The attention as a detached module, attending in query chunks where the (queries x keys) float32
+        scores would exceed ``max_scores_bytes``."""
         chunk = None
-        if batch * queries * keys * 4 > _MAX_ATTENTION_SCORES_BYTES:
-            chunk = max(1, _MAX_ATTENTION_SCORES_BYTES // (batch * keys * 4))
+        if batch * queries * keys * 4 > max_scores_bytes:
+            chunk = max(1, max_scores_bytes // (batch * keys * 4))
         return FlaxAttentionBlock(channels, self.config.norm_num_groups, dtype=self.module.dtype,
                                   param_dtype=self.module.param_dtype, precision=self.module.precision,
                                   query_chunk_size=chunk, parent=None)

@@ -163,7 +163,8 @@ class Bands:
         rows = self.band * scale
         whole = jax.lax.all_gather(x, self.axis, axis=1, tiled=True)[:, :self.latent_rows * scale]
         b, h, w, c = whole.shape
-        block = self.ops.attention_block(c, b, rows * w, h * w)
+        # scores in query chunks no larger than the band's own activation (one device's share of the memory)
+        block = self.ops.attention_block(c, b, rows * w, h * w, max_scores_bytes=b * rows * w * c * 4)
         start = jax.lax.axis_index(self.axis) * rows
         return block.apply({"params": self.ops.tree(node.module)}, whole, start, rows, method="band")
 
