@@ -24,6 +24,7 @@ from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
 # Every tiling mode. Each backend checks against the modes it runs: the PyTorch backend all of them
 # (klvae.torch.tiling.MODES); MODES lists those every backend runs.
 ALL_MODES = ("exact", "blend", "auto")
+ALL_MODES += ("sharded",)  # Flax only: row bands over a jax Mesh axis (klvae.flax.sharded)
 MODES = ("blend",)
 # The PyTorch backend's default: exact tiling gives the untiled result and measured faster than blend (docs/tiling.md).
 # The Flax backend keeps "blend", which runs under jit.

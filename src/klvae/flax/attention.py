@@ -38,13 +38,28 @@ class FlaxAttentionBlock(nn.Module):
         self.proj_attn = dense(self, self.channels)
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        residual = hidden_states
-        b, h, w, c = hidden_states.shape
-        x = self.group_norm(hidden_states).reshape(b, h * w, c)
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        x = self.group_norm(hidden_states)
+        return self._attend(x, x, hidden_states)
+
+    def band(self, hidden_states: jax.Array, start: jax.Array | int, rows: int) -> jax.Array:
+        """Rows ``start:start + rows`` of the output: queries from those rows only, keys and values (and the
+        GroupNorm statistics) from all of ``hidden_states``. A band reaching past the last row is cut short by
+        ``lax.dynamic_slice`` (moved up); a band starting at or past it reads rows of zeros."""
+        x = self.group_norm(hidden_states)
+
+        def take(a: jax.Array) -> jax.Array:
+            a = jnp.pad(a, ((0, 0), (0, rows), (0, 0), (0, 0)))
+            return jax.lax.dynamic_slice_in_dim(a, start, rows, axis=1)
+
+        return self._attend(take(x), x, take(hidden_states))
+
+    def _attend(self, queries: jax.Array, context: jax.Array, residual: jax.Array) -> jax.Array:
+        """``residual + proj_attn(attention(queries over context))``, all normalised NHWC."""
+        b, h, w, c = queries.shape
+        everything = context.reshape(b, -1, c)
+        q, k, v = self.query(queries.reshape(b, h * w, c)), self.key(everything), self.value(everything)
         x = attend(q, k, v, 1.0 / math.sqrt(c), self.precision, self.query_chunk_size)
-        x = self.proj_attn(x).reshape(b, h, w, c)
-        return x + residual
+        return self.proj_attn(x).reshape(b, h, w, c) + residual
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, precision: Precision = None,

@@ -20,7 +20,8 @@ from klvae.flax.layers import Dtype, Precision, conv, group_norm, to_nchw, to_nh
 from klvae.flax.loading import FlaxPretrainedMixin
 from klvae.flax.outputs import FlaxAutoencoderKLOutput, FlaxDecoderOutput, FlaxDiagonalGaussianDistribution
 from klvae.flax import tiling
-from klvae.flax.exact_tiling import run_exact
+from klvae.flax.exact_tiling import is_traced, run_exact
+from klvae.flax.sharded import check_mesh, run_sharded
 from klvae.flax.tiling import blend_tiles
 from klvae.tiling import decode_plan, encode_plan
 
@@ -124,6 +125,8 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
     tile_sample_min_size: int | None = None  # None: the config's sample_size
     tile_overlap_factor: float = 0.25
     tiling_memory_limit: float | None = None  # exact/auto: activation bytes to stay within (None: from free memory)
+    tiling_mesh: Any = None  # sharded: the jax.sharding.Mesh whose axis ``tiling_axis`` splits the rows
+    tiling_axis: str | None = None  # sharded: None means the mesh's only axis
 
     #: The config class whose fields this module's mirror (not a linen field: no annotation).
     config_class = AutoencoderKLConfig
@@ -138,6 +141,8 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
         config = self.config  # validates the architecture fields
         _check_tiling(self.tiling_mode, self.tile_sample_min_size, self.tile_overlap_factor,
                       self.tiling_memory_limit, config.downsample_factor)
+        if self.use_tiling and self.tiling_mode == "sharded":
+            check_mesh(self.tiling_mesh, self.tiling_axis)
         super().__post_init__()
 
     # ------------------------------------------------------------------ config
@@ -163,15 +168,21 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
 
     def with_tiling(self, mode: str = "blend", *, tile_sample_min_size: int | None = None,
                     tile_overlap_factor: float | None = None, memory_limit: float | None = None,
-                    enabled: bool = True) -> FlaxAutoencoderKL:
+                    mesh: Any = None, axis: str | None = None, enabled: bool = True) -> FlaxAutoencoderKL:
         """A copy that encodes/decodes images larger than the tile size in tiles.
 
-        ``"blend"`` (default here: it runs under jit) is diffusers' algorithm (diffusers' and the torch
-        backend's tiled output). ``"exact"`` gives the untiled output with memory bounded by a plan, running
-        eagerly (not under jit); ``"auto"`` runs untiled when the estimated memory fits ``memory_limit`` (default:
-        the memory available), otherwise exactly tiled. See :mod:`klvae.flax.tiling`.
+        ``"blend"`` (the default here) is diffusers' algorithm (diffusers' and the torch backend's tiled output).
+        ``"exact"`` gives the untiled output with memory bounded by a plan, eagerly and under ``jax.jit``;
+        ``"auto"`` runs untiled when the estimated memory fits ``memory_limit`` (default: the memory available),
+        otherwise exactly tiled. ``"sharded"`` gives the untiled output split into row bands over the axis
+        ``axis`` of the jax Mesh ``mesh`` (each device holds ~1/N of the activations; any size). See
+        :mod:`klvae.flax.tiling` and :mod:`klvae.flax.sharded`.
         """
         changes: dict[str, Any] = dict(use_tiling=enabled, tiling_mode=mode)
+        if mesh is not None:
+            changes["tiling_mesh"] = mesh
+        if axis is not None:
+            changes["tiling_axis"] = axis
         if tile_sample_min_size is not None:
             changes["tile_sample_min_size"] = tile_sample_min_size
         if tile_overlap_factor is not None:
@@ -263,6 +274,8 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
         """Encode or decode (``kind``) whole, in exact/auto tiles, or in blended tiles when larger than one."""
         encode = kind == "encode"
         method = FlaxAutoencoderKL._encode_moments if encode else FlaxAutoencoderKL._decode_latents
+        if self.use_tiling and self.tiling_mode == "sharded" and not self.is_initializing():
+            return run_sharded(self, self.variables["params"], kind, x, self.tiling_mesh, self.tiling_axis)
         if self.use_tiling and self.tiling_mode != "blend":
             return self._planned(method, kind, x, deterministic)
         if self.use_tiling and max(x.shape[1:3]) > self._tile_sizes()[0 if encode else 1]:
@@ -274,7 +287,8 @@ class FlaxAutoencoderKL(FlaxPretrainedMixin, config_fields_module(AutoencoderKLC
         """``method(self, x)``, or with slicing one batch item at a time in a ``lax.map`` (a sequential loop)."""
         if not self.use_slicing or x.shape[0] == 1 or self.is_initializing():
             return method(self, x, deterministic)
-        if self.use_tiling and self.tiling_mode != "blend":  # exact tiling runs eagerly: a Python loop
+        if self.use_tiling and self.tiling_mode in ("exact", "auto") and not is_traced(x, self.variables):
+            # eager exact tiling: a Python loop (it dispatches operation by operation)
             return jnp.concatenate([method(self, x[i:i + 1], deterministic) for i in range(x.shape[0])])
         run = self._pure(method, deterministic)
         return jax.lax.map(lambda item: run(item[None])[0], x)

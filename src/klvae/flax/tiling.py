@@ -2,9 +2,10 @@
 
 - ``"blend"``: diffusers' algorithm (:mod:`klvae.tiling`); diffusers' tiled output. Traceable: works under jit.
 - ``"exact"``: the untiled output computed tile by tile with bounded memory (:mod:`klvae.tiling_plan`, run by
-  :mod:`klvae.flax.exact_tiling`). Eager only: it cannot run under ``jax.jit``.
+  :mod:`klvae.flax.exact_tiling`). Eagerly or under ``jax.jit``.
 - ``"auto"``: untiled when the estimated memory fits (also under jit), otherwise, or after an out-of-memory
   error, exact tiling.
+- ``"sharded"``: the untiled output in row bands over a mesh axis (:mod:`klvae.flax.sharded`).
 
 Blend tiling:
 
@@ -23,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from klvae import tiling as shared
-from klvae.tiling import ALL_MODES, BlendPlan, blend_ramp
+from klvae.tiling import BlendPlan, blend_ramp
 from klvae.tiling_plan import ExactPlan
 
-MODES = ALL_MODES  # this backend runs every mode
+MODES = ("exact", "blend", "auto", "sharded")  # the modes of klvae.tiling.ALL_MODES this backend runs
 
 __all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "run_planned", "tiled_decode", "tiled_encode"]
 
@@ -92,24 +93,25 @@ def _blend(prev: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.Arra
 
 def tiled_decode(model: Any, params: Any, latents: jax.Array, *, mode: str = "blend",
                  tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
-                 memory_limit: float | None = None) -> jax.Array:
+                 memory_limit: float | None = None, mesh: Any = None, axis: str | None = None) -> jax.Array:
     """Decode (B, C, h, w) latents in tiles; sizes default to the model's tiling fields.
 
     ``"blend"`` always tiles; ``"exact"`` and ``"auto"`` run untiled when the input fits one tile (or, for auto,
     memory), as the PyTorch backend's do. ``memory_limit``: activation bytes an exact plan stays within.
+    ``mesh``, ``axis``: the "sharded" mode's mesh and the axis its row bands go over.
     """
-    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size,
-                              tile_overlap_factor=tile_overlap_factor, memory_limit=memory_limit)
+    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size, tile_overlap_factor=tile_overlap_factor,
+                              memory_limit=memory_limit, mesh=mesh, axis=axis)
     method = type(model).tiled_decode if mode == "blend" else type(model).decode
     return tiled.apply({"params": params}, latents, method=method).sample
 
 
 def tiled_encode(model: Any, params: Any, sample: jax.Array, *, mode: str = "blend",
                  tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
-                 memory_limit: float | None = None) -> Any:
+                 memory_limit: float | None = None, mesh: Any = None, axis: str | None = None) -> Any:
     """Encode (B, C, H, W) images in tiles to the posterior; options as :func:`tiled_decode`'s."""
-    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size,
-                              tile_overlap_factor=tile_overlap_factor, memory_limit=memory_limit)
+    tiled = model.with_tiling(mode, tile_sample_min_size=tile_sample_min_size, tile_overlap_factor=tile_overlap_factor,
+                              memory_limit=memory_limit, mesh=mesh, axis=axis)
     method = type(model).tiled_encode if mode == "blend" else type(model).encode
     return tiled.apply({"params": params}, sample, method=method).latent_dist
 
