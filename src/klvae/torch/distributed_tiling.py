@@ -18,6 +18,7 @@ module carries them out with torch.distributed on the model's device (gloo: thro
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,22 @@ def world_size() -> int:
     if not dist.is_initialized():
         raise DistributedError(f"tiling mode 'distributed' needs an initialised default process group: {LAUNCH_HINT}")
     return dist.get_world_size()
+
+
+def join_default_group(device: torch.device) -> int:
+    """Initialise the default process group from torchrun's environment, unless one is (gloo for the CPU,
+    NCCL for CUDA, on this rank's GPU), destroyed at exit; returns this process's rank."""
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)
+    return dist.get_rank()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Comm:
@@ -206,4 +223,4 @@ def min_over_ranks(comm: Comm, value: int | None) -> int | None:
     return None if min(got) < 0 else min(got)
 
 
-__all__ = ["Comm", "DistributedExecutor", "LAUNCH_HINT", "check_same_input", "min_over_ranks", "run_distributed", "world_size"]
+__all__ = ["Comm", "DistributedExecutor", "LAUNCH_HINT", "check_same_input", "join_default_group", "min_over_ranks", "run_distributed", "world_size"]
