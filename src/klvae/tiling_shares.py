@@ -203,4 +203,21 @@ def volume(plan: ExactPlan, world: int) -> dict:
                 stored_bytes=sum(plan.nbytes(n) for n in shares.producer if shares.chunked(n)))
 
 
-__all__ = ["Piece", "Shares", "bands", "moments_bytes", "spread", "volume"]
+def rank_flops(plan: ExactPlan, world: int) -> list[float]:
+    """Estimated floating-point operations of each rank's tiles (halos and recomputation included; the global
+    step not counted), from the nodes each pass computes over each tile's rectangles."""
+    shares, out = Shares(plan, world), [0.0] * world
+    for k, step in enumerate(plan.steps):
+        if not isinstance(step, Pass):
+            continue
+        computed = [n for n in step.closure if not (n in plan.stored and n not in step.store)]
+        for rank in range(world):
+            for i, j in shares.tiles(k, rank):
+                regions = plan.regions(step, i, j, plan.grids[k])
+                for name in computed:
+                    r0, r1, c0, c1 = regions[name]
+                    out[rank] += plan.graph[name].flops * plan.batch * (r1 - r0) * (c1 - c0)
+    return out
+
+
+__all__ = ["Piece", "Shares", "bands", "moments_bytes", "rank_flops", "spread", "volume"]
