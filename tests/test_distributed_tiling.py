@@ -17,7 +17,7 @@ from conftest import TINY_CONFIGS, diffusers_pair, rel_err
 import klvae
 from klvae.errors import DistributedError
 from klvae.tiling_plan import TileGrid, plan_exact
-from klvae.tiling_shares import Shares, _cover, bands, spread, volume
+from klvae.tiling_shares import Shares, _cover, bands, rank_flops, spread, volume
 
 TOL = 1e-5
 WORLD = 2
@@ -219,6 +219,9 @@ def test_volume_counts_halos_moments_and_whole_nodes():
     whole = plan.nbytes(plan.graph.output) + 2 * plan.nbytes("decoder.mid_block.attentions.0")  # attn in and out
     assert v["whole_bytes"] == whole
     assert volume(plan, 1)["halo_bytes"] == 0
+    # arithmetic: two ranks do all of one rank's (their halos overlap a little), each about half
+    one, two = sum(rank_flops(plan, 1)), rank_flops(plan, 2)
+    assert one <= sum(two) <= 1.5 * one and max(two) < 0.8 * one
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
