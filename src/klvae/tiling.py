@@ -63,12 +63,13 @@ def host_available_memory() -> int | None:
 
 
 def exact_plan_for(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
-                   tile_sample_min_size: int, memory_limit: float | None, available: int | None) -> ExactPlan:
+                   tile_sample_min_size: int, memory_limit: float | None, available: int | None,
+                   spill: bool = False) -> ExactPlan:
     """Each backend's exact plan: inputs no larger than ``tile_sample_min_size`` pixels get a one-tile plan
     (they run untiled); larger ones tiles of ``min(tile_sample_min_size, EXACT_TILE_SIZE)`` pixels. A
     ``tile_sample_min_size`` equal to the config's sample_size (the default) counts as at most
     ``EXACT_MAX_UNTILED``. ``memory_limit`` defaults to ``DEFAULT_MEMORY_FRACTION`` of ``available`` (bytes free
-    now, None: unknown)."""
+    now, None: unknown). ``spill``: the plan may keep activations in files to stay within the limit."""
     f = config.downsample_factor
     tile = tile_sample_min_size
     if tile == config.sample_height_width[0]:
@@ -79,7 +80,7 @@ def exact_plan_for(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int,
         # Rounded down to 64 MiB, so that plans (cached per limit) are reused while the free memory jitters.
         memory_limit = (int(DEFAULT_MEMORY_FRACTION * available) >> 26) << 26
     return plan_exact(config, kind, tuple(latent_hw), batch, itemsize, tile // f,
-                      None if memory_limit is None else float(memory_limit))
+                      None if memory_limit is None else float(memory_limit), spill=spill)
 
 
 def fits_untiled(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
@@ -98,7 +99,7 @@ def run_planned(mode: str, config: AutoencoderKLConfig, kind: str, latent_hw: tu
                 itemsize: int, tile_sample_min_size: int, memory_limit: float | None, *, untiled: Callable[[], T],
                 run_exact: Callable[[ExactPlan], T], available_memory: Callable[[], int | None],
                 is_out_of_memory: Callable[[BaseException], bool], release_memory: Callable[[], None] = lambda: None,
-                stacklevel: int = 2) -> T:
+                stacklevel: int = 2, spill: bool = False) -> T:
     """"exact" or "auto" tiling, for any backend: ``untiled()`` where the plan (or, for auto, memory) allows,
     else ``run_exact(plan)``.
 
@@ -108,7 +109,7 @@ def run_planned(mode: str, config: AutoencoderKLConfig, kind: str, latent_hw: tu
     (``MemoryError`` or ``is_out_of_memory``) falls back to exact tiling within half the limit (default: half the
     memory available once ``release_memory()`` has freed what the failed attempt left), after leaving the
     ``except`` block so that its tensors are freed first. ``stacklevel``: the "no plan fits" warning's, counted
-    from the caller of this function (1: that caller).
+    from the caller of this function (1: that caller). ``spill``: exact plans may keep activations in files.
     """
     limit = memory_limit
     if mode == "auto":
@@ -125,7 +126,7 @@ def run_planned(mode: str, config: AutoencoderKLConfig, kind: str, latent_hw: tu
             retry_limit = available_memory() if memory_limit is None else memory_limit
             limit = None if retry_limit is None else retry_limit / 2
     plan = exact_plan_for(config, kind, latent_hw, batch, itemsize, tile_sample_min_size, limit,
-                          None if limit is not None else available_memory())
+                          None if limit is not None else available_memory(), spill)
     if plan.grid.count == 1:  # fits one tile: nothing to split
         return untiled()
     if limit is not None and plan.peak_bytes > limit:

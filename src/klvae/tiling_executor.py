@@ -98,7 +98,9 @@ class TileOps(Protocol):
 
     Arrays hold rows on axis ``row_axis`` and columns on the next one (NCHW: 2, NHWC: 1). ``join`` concatenates
     arrays along an axis; ``own`` returns an array that holds no memory beyond its own elements (a chunk must
-    not keep a whole tile alive); ``begin_pass`` is called before each pass's tiles (scratch buffers go).
+    not keep a whole tile alive); ``begin_pass`` is called before each pass's tiles (scratch buffers go);
+    ``to_host``/``from_host`` move a chunk to a numpy array of its bytes and back (used only for plans that
+    spill, :mod:`klvae.tiling_spill`).
 
     The node operations compute one node over ``region`` from its input, cut to the rectangle the node reads
     (``got``, clipped to the image; padding it with zeros to ``wanted`` is the operation's): ``conv`` (a CONV or
@@ -122,6 +124,11 @@ class TileOps(Protocol):
         ...
 
     def begin_pass(self) -> None: ...
+
+    def to_host(self, x: Array) -> tuple[Any, Any]:  # (numpy array of x's bytes, token for from_host)
+        ...
+
+    def from_host(self, a: Any, token: Any) -> Array: ...
 
     def conv(self, node: Node, x: Array, wanted: Region, got: Region, stride: int) -> Array: ...
 
@@ -308,6 +315,7 @@ class ExactExecutor:
         self.norms: dict[str, tuple[Any, Any]] = {}
 
     # ------------------------------------------------------------------ hooks for other kinds of executor
+    # (tiles and end_pass: a distributed executor; spilled_store: klvae.tiling_spill.SpillingExecutor)
     def tiles(self, k: int, step: Pass, grid: TileGrid) -> list[tuple[int, int]]:
         """The tiles of pass ``k`` this executor computes (all of them; a rank of a distributed run: its share)."""
         return grid.tiles()
@@ -327,8 +335,15 @@ class ExactExecutor:
         if name in self.plan.full and self.ops.in_place:
             size = self.plan.size(name)
             return WholeStore(self.ops.empty(node, size), size, self.ops)
-        return ChunkStore(tuple(r * node.scale for r in grid.rows), tuple(c * node.scale for c in grid.cols),
-                          self.ops)
+        rows, cols = tuple(r * node.scale for r in grid.rows), tuple(c * node.scale for c in grid.cols)
+        if name in self.plan.spilled:
+            return self.spilled_store(name, rows, cols)
+        return ChunkStore(rows, cols, self.ops)
+
+    def spilled_store(self, name: str, rows: tuple[int, ...], cols: tuple[int, ...]) -> ChunkStore:
+        """The store of a node the plan spills to files (:class:`klvae.tiling_spill.SpillingExecutor`)."""
+        raise NotImplementedError(f"the plan spills {name} to a file: run it with klvae.tiling_spill."
+                                  "SpillingExecutor")
 
     def run_global(self, step: GlobalStep) -> None:
         node = self.graph[step.node]

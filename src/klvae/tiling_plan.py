@@ -11,7 +11,10 @@ A node is either *stored* (written tile by tile, read by later passes, freed chu
 reading pass) or *recomputed* inside every pass that needs it, from the nearest stored nodes. Storing
 everything is fastest; recomputing trades time for memory. :func:`plan_exact` starts from "store all" and
 recomputes nodes, greedily, where that lowers the estimated peak memory most per extra FLOP, until the
-estimate fits ``memory_limit``. The mid-block attention (a GLOBAL node) runs once on the whole latent.
+estimate fits ``memory_limit``. With ``spill``, stored nodes may instead be *spilled*: their chunks go to files
+(:mod:`klvae.tiling_spill`), outside the process's memory, and each tile reads back only the rectangle it needs;
+spilling costs file traffic instead of FLOPs, so it is tried first. The mid-block attention (a GLOBAL node) runs
+once on the whole latent.
 """
 
 from __future__ import annotations
@@ -121,6 +124,13 @@ class ExactPlan:
     flops: float             # estimated floating-point operations (tiles, halos and recomputation included)
     untiled_peak_bytes: int  # estimated peak of the same computation untiled (tensors only, no overhead)
     untiled_flops: float
+    spilled: frozenset[str] = frozenset()  # stored nodes kept in spill files instead of memory
+
+    def spill_bytes(self) -> int:
+        """Peak bytes of the spill files alive at once (each spilled node lives from its pass to its last read)."""
+        produced = {name: k for k, step in enumerate(self.steps) if isinstance(step, Pass) for name in step.store}
+        return max((sum(self.nbytes(n) for n in self.spilled if produced[n] <= k <= self.last_read.get(n, k))
+                    for k in range(len(self.steps))), default=0)
 
     def size(self, name: str) -> tuple[int, int]:
         return node_size(self.graph[name], self.latent_hw)
@@ -299,8 +309,10 @@ def step_grids(graph: Graph, steps: tuple[Step, ...], latent_hw: tuple[int, int]
 
 
 def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile_latents: int,
-             latent_hw: tuple[int, int], batch: int, itemsize: int) -> tuple[list[int], float]:
-    """(estimated peak activation bytes of each step, total FLOPs) of running ``steps``."""
+             latent_hw: tuple[int, int], batch: int, itemsize: int,
+             spilled: frozenset[str] = frozenset()) -> tuple[list[int], float]:
+    """(estimated peak activation bytes of each step, total FLOPs) of running ``steps``; ``spilled`` nodes take
+    no memory between passes, only the rectangles a tile reads back."""
     grids = step_grids(graph, steps, latent_hw, tile_latents)
     full = full_nodes(graph)
     last = last_reads(graph, steps)
@@ -315,7 +327,7 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile
             produced[name] = k
     peaks, flops = [], 0.0
     for k, step in enumerate(steps):
-        alive = [n for n, p in produced.items() if p < k and last.get(n, -1) >= k]
+        alive = [n for n, p in produced.items() if p < k and last.get(n, -1) >= k and n not in spilled]
         if isinstance(step, GlobalStep):
             src = graph[step.node].inputs[0]
             peaks.append(sum(map(nbytes, alive)) + nbytes(step.node) + int(_GLOBAL_TRANSIENT * nbytes(src)))
@@ -323,7 +335,7 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile
         grid = grids[k]
         static = sum(nbytes(n) for n in alive if n in full or last[n] > k)
         shrink = [n for n in alive if n not in full and last[n] == k]
-        grow = [n for n in step.store if n not in full]
+        grow = [n for n in step.store if n not in full and n not in spilled]
         static += sum(nbytes(n) for n in step.store if n in full)
         # Inputs are freed chunk by chunk as outputs are written: at tile t of n, (n - t) / n of the inputs and
         # (t + 1) / n of the outputs are held, plus the chunks to the left that the next tile's halo reads.
@@ -340,7 +352,9 @@ def estimate(graph: Graph, steps: tuple[Step, ...], stored: frozenset[str], tile
             src = _tile_bytes(grid, graph[node.inputs[0]], margins.get(node.inputs[0], 0), batch, itemsize)
             copy = {NORM_ACT_CONV: src, UP_CONV: 4 * src, DOWN_CONV: src, CONV: src}.get(node.op, 0)
             work = max(work, copy + _tile_bytes(grid, node, margins.get(name, 0), batch, itemsize))
-        peaks.append(int(static + max(held, made) + slack + _TILE_TRANSIENT * work))
+        read_back = sum(_tile_bytes(grid, graph[n], margins.get(n, 0), batch, itemsize)
+                        for n in step.reads if n in spilled)
+        peaks.append(int(static + max(held, made) + slack + _TILE_TRANSIENT * work + read_back))
     return peaks, flops
 
 
@@ -381,9 +395,9 @@ def estimate_untiled(graph: Graph, latent_hw: tuple[int, int], batch: int, items
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def _evaluate(graph, stored, tile_latents, latent_hw, batch, itemsize, limit):
+def _evaluate(graph, stored, spilled, tile_latents, latent_hw, batch, itemsize, limit):
     steps = schedule(graph, stored)
-    peaks, flops = estimate(graph, steps, stored, tile_latents, latent_hw, batch, itemsize)
+    peaks, flops = estimate(graph, steps, stored, tile_latents, latent_hw, batch, itemsize, spilled)
     excess = sum(max(0, p - limit) for p in peaks)
     return steps, peaks, flops, excess
 
@@ -400,28 +414,44 @@ def _involved(graph: Graph, steps: tuple[Step, ...], peaks: list[int], limit: fl
 
 
 def choose_stored(graph: Graph, tile_latents: int, latent_hw: tuple[int, int], batch: int, itemsize: int,
-                  memory_limit: float) -> tuple[frozenset[str], tuple[Step, ...], int, float]:
-    """Greedy: store every storable node, then recompute the node that lowers the estimated excess over
-    ``memory_limit`` most per extra FLOP, until nothing is over (or nothing more helps)."""
+                  memory_limit: float, spill: bool = False
+                  ) -> tuple[frozenset[str], frozenset[str], tuple[Step, ...], int, float]:
+    """Greedy: store every storable node; with ``spill``, spill the stored node that lowers the estimated excess
+    over ``memory_limit`` most per byte spilled, until nothing is over (or nothing more helps); then recompute the
+    node that lowers the excess most per extra FLOP, likewise. Returns (stored, spilled, steps, peak, FLOPs)."""
     full = full_nodes(graph)
     stored = frozenset(n.name for n in graph.nodes if n.storable) | full
-    steps, peaks, flops, excess = _evaluate(graph, stored, tile_latents, latent_hw, batch, itemsize, memory_limit)
-    while excess > 0:
-        best = None
-        for name in sorted(_involved(graph, steps, peaks, memory_limit) - full, key=graph.index):
-            trial = stored - {name}
-            t_steps, t_peaks, t_flops, t_excess = _evaluate(graph, trial, tile_latents, latent_hw, batch, itemsize,
-                                                            memory_limit)
-            gain = excess - t_excess
-            if gain <= 0:
-                continue
-            score = gain / max(t_flops - flops, 1.0)
-            if best is None or score > best[0]:
-                best = (score, trial, t_steps, t_peaks, t_flops, t_excess)
-        if best is None:
-            break
-        _, stored, steps, peaks, flops, excess = best
-    return stored, steps, max(peaks), flops
+    spilled: frozenset[str] = frozenset()
+    args = (tile_latents, latent_hw, batch, itemsize, memory_limit)
+    steps, peaks, flops, excess = _evaluate(graph, stored, spilled, *args)
+
+    def nbytes(name: str) -> int:
+        h, w = node_size(graph[name], latent_hw)
+        return batch * graph[name].channels * h * w * itemsize
+
+    def trials(recompute: bool):
+        for name in sorted(_involved(graph, steps, peaks, memory_limit) - full - spilled, key=graph.index):
+            if recompute:
+                yield stored - {name}, spilled - {name}
+            else:
+                yield stored, spilled | {name}
+
+    for recompute in ((False, True) if spill else (True,)):
+        while excess > 0:
+            best = None
+            for t_stored, t_spilled in trials(recompute):
+                t_steps, t_peaks, t_flops, t_excess = _evaluate(graph, t_stored, t_spilled, *args)
+                gain = excess - t_excess
+                if gain <= 0:
+                    continue
+                cost = t_flops - flops if recompute else nbytes(next(iter(t_spilled - spilled)))
+                score = gain / max(cost, 1.0)
+                if best is None or score > best[0]:
+                    best = (score, t_stored, t_spilled, t_steps, t_peaks, t_flops, t_excess)
+            if best is None:
+                break
+            _, stored, spilled, steps, peaks, flops, excess = best
+    return stored, spilled, steps, max(peaks), flops
 
 
 def run_steps(plan: "ExactPlan", stores: dict, run_global, run_pass) -> None:
@@ -458,44 +488,46 @@ _LIMIT_STEPS = (0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25)
 @functools.lru_cache(maxsize=64)
 def plan_exact(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int, itemsize: int,
                tile_latents: int, memory_limit: float | None = None,
-               max_flops_ratio: float = DEFAULT_MAX_FLOPS_RATIO) -> ExactPlan:
+               max_flops_ratio: float = DEFAULT_MAX_FLOPS_RATIO, spill: bool = False) -> ExactPlan:
     """The plan for decoding latents of ``latent_hw`` (or encoding images of ``latent_hw`` times the
     downsample factor) in tiles of at most ``tile_latents`` latent pixels.
 
     Among the plans whose estimated FLOPs stay within ``max_flops_ratio`` times the untiled computation's, the
     one with the lowest estimated peak memory is taken; if that peak is over ``memory_limit`` (bytes of
     activations), the fastest plan within ``memory_limit`` instead (trying smaller tiles too), or, when none
-    fits, the leanest plan found.
+    fits, the leanest plan found. With ``spill``, plans over ``memory_limit`` spill stored nodes to files before
+    they recompute any.
     """
     graph = _graph(config, kind)
     latent_hw = tuple(latent_hw)
     untiled_peak, untiled_flops = estimate_untiled(graph, latent_hw, batch, itemsize)
     args = (graph, latent_hw, batch, itemsize)
+    # A plan is (tile, stored, spilled, steps, peak, flops).
     plans = [(tile_latents, *choose_stored(*args[:1], tile_latents, *args[1:], math.inf))]
-    store_all_peak = plans[0][3]
+    store_all_peak = plans[0][4]
     for fraction in _LIMIT_STEPS:
         plan = (tile_latents, *choose_stored(*args[:1], tile_latents, *args[1:], fraction * store_all_peak))
-        if plan[4] > max_flops_ratio * untiled_flops:
+        if plan[5] > max_flops_ratio * untiled_flops:
             break
         plans.append(plan)
     best = plans[0]
     for plan in plans[1:]:  # recompute only for a saving of a quarter or more (estimates are good to ~10%)
-        if plan[3] < 0.75 * best[3] and plan[4] <= max_flops_ratio * untiled_flops:
+        if plan[4] < 0.75 * best[4] and plan[5] <= max_flops_ratio * untiled_flops:
             best = plan
-    if memory_limit is not None and best[3] > memory_limit:
+    if memory_limit is not None and best[4] > memory_limit:
         tile, best = tile_latents, None
         while True:
-            plan = (tile, *choose_stored(*args[:1], tile, *args[1:], float(memory_limit)))
-            if best is None or (plan[3] > memory_limit, plan[4] if plan[3] <= memory_limit else plan[3]) < \
-                    (best[3] > memory_limit, best[4] if best[3] <= memory_limit else best[3]):
+            plan = (tile, *choose_stored(*args[:1], tile, *args[1:], float(memory_limit), spill))
+            if best is None or (plan[4] > memory_limit, plan[5] if plan[4] <= memory_limit else plan[4]) < \
+                    (best[4] > memory_limit, best[5] if best[4] <= memory_limit else best[4]):
                 best = plan
-            if plan[3] <= memory_limit or tile <= 8:
+            if plan[4] <= memory_limit or tile <= 8:
                 break
             tile //= 2
-    tile, stored, steps, peak, flops = best
+    tile, stored, spilled, steps, peak, flops = best
     return ExactPlan(graph, latent_hw, batch, itemsize, make_grid(latent_hw, tile),
                      step_grids(graph, steps, latent_hw, tile), stored, full_nodes(graph), steps,
-                     last_reads(graph, steps), int(peak), flops, int(untiled_peak), untiled_flops)
+                     last_reads(graph, steps), int(peak), flops, int(untiled_peak), untiled_flops, spilled)
 
 
 def untiled_estimate(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[int, int], batch: int,

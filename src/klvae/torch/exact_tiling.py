@@ -9,11 +9,13 @@ whole nodes) and the GroupNorm moments (:mod:`klvae.torch.groupnorm_stats`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from klvae.tiling_executor import ExactExecutor, Pads, Pieces, crop, zero_pads
+from klvae.tiling_spill import SpillingExecutor
 from klvae.tiling_graph import INPUT, Node, Region
 from klvae.tiling_plan import ExactPlan
 from klvae.torch.attention import Attention, AttnProcessor, ChunkedAttnProcessor
@@ -74,6 +76,15 @@ class TorchTileOps:
     def write(self, whole: torch.Tensor, region: Region, value: torch.Tensor) -> None:
         r0, r1, c0, c1 = region
         whole[:, :, r0:r1, c0:c1] = value
+
+    def to_host(self, x: torch.Tensor) -> tuple[np.ndarray, torch.dtype]:
+        """``x``'s bytes as a numpy array (bfloat16, which numpy lacks, as int16)."""
+        x = x.detach().cpu()
+        return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy(), x.dtype
+
+    def from_host(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        x = torch.from_numpy(a)
+        return (x.view(dtype) if x.dtype != dtype else x).to(self.device)
 
     def begin_pass(self) -> None:
         self.buffers.clear()  # scratch buffers live for one pass (their shapes change with the level)
@@ -163,9 +174,13 @@ def run_global_module(module: nn.Module, x: torch.Tensor, rows: tuple[int, int] 
     return module(x, *args)
 
 
-def run_exact(model: nn.Module, plan: ExactPlan, x: torch.Tensor) -> torch.Tensor:
-    """Decode latents or encode images (per ``plan.graph.kind``) with the plan; returns the output tensor."""
+def run_exact(model: nn.Module, plan: ExactPlan, x: torch.Tensor, spill_dir: str | None = None) -> torch.Tensor:
+    """Decode latents or encode images (per ``plan.graph.kind``) with the plan; returns the output tensor.
+    A plan that spills keeps its files in a temporary folder inside ``spill_dir`` (default: the system's)."""
     if plan.graph[plan.graph.input].op != INPUT:
         raise ValueError("the plan's graph has no input node")
+    ops = TorchTileOps(model, plan.batch, x.dtype, x.device)
     with torch.no_grad():
-        return ExactExecutor(plan, TorchTileOps(model, plan.batch, x.dtype, x.device)).run(x)
+        if plan.spilled:
+            return SpillingExecutor(plan, ops, spill_dir).run(x)
+        return ExactExecutor(plan, ops).run(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +111,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.use_tiling = False
         self.tiling_mode = tiling.DEFAULT_MODE
         self.tiling_memory_limit: float | None = None  # exact/auto tiling: activation bytes to stay within
+        self.tiling_spill: bool | str = False  # exact/auto tiling: may keep activations in files (True or a folder)
         # diffusers' tiling attributes: tiles of tile_sample_min_size pixels, overlapping by tile_overlap_factor.
         sample = config.sample_height_width[0]
         self.tile_sample_min_size = sample
@@ -152,7 +154,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
 
     def _encode_any_size(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self.tiling_mode != "blend":  # exact/auto decide themselves whether to split
-            return tiling.tiled_encode(self, x, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
+            return tiling.tiled_encode(self, x, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit,
+                                       spill=self.tiling_spill)
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
             return tiling.blend_tiled_encode_moments(self, x)
         return self._encode_moments(x)
@@ -179,7 +182,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
 
     def _decode_any_size(self, z: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and self.tiling_mode != "blend":
-            return tiling.tiled_decode(self, z, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit)
+            return tiling.tiled_decode(self, z, mode=self.tiling_mode, memory_limit=self.tiling_memory_limit,
+                                       spill=self.tiling_spill)
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
             return tiling.blend_tiled_decode(self, z)
         return self._decode_latents(z)
@@ -236,13 +240,16 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         self.use_slicing = False
 
     def enable_tiling(self, mode: str = tiling.DEFAULT_MODE, *, tile_sample_min_size: int | None = None,
-                      tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> None:
+                      tile_overlap_factor: float | None = None, memory_limit: float | None = None,
+                      spill: bool | str = False) -> None:
         """Encode/decode images larger than ``tile_sample_min_size`` pixels in tiles.
 
         ``mode="exact"`` (default) gives the untiled output with bounded memory; ``"blend"`` is diffusers'
         algorithm (diffusers' tiled output, which differs from untiled); ``"auto"`` tiles (exactly) only when the
         estimated memory exceeds ``memory_limit`` (default: the memory available) or on an out-of-memory error.
-        ``memory_limit``: activation bytes the exact plan stays within. See :mod:`klvae.torch.tiling`.
+        ``memory_limit``: activation bytes the exact plan stays within. ``spill``: to stay within it, keep
+        activations in temporary files (``True``: in the system's temporary folder; or a folder) rather than
+        recompute them. See :mod:`klvae.torch.tiling`.
         """
         if mode not in tiling.MODES:
             raise ValueError(f"unknown tiling mode {mode!r}; choose one of {', '.join(tiling.MODES)}")
@@ -258,7 +265,12 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
             self.tile_overlap_factor = tile_overlap_factor
         if memory_limit is not None and not memory_limit > 0:
             raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+        if not isinstance(spill, (bool, str)):
+            raise TypeError(f"spill must be True, False or a folder path, got {type(spill).__name__}")
+        if isinstance(spill, str) and not os.path.isdir(spill):
+            raise FileNotFoundError(f"spill folder {spill!r} does not exist")
         self.tiling_memory_limit = memory_limit
+        self.tiling_spill = spill
         self.tiling_mode = mode
         self.use_tiling = True
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from klvae.tiling import (ALL_MODES, DEFAULT_MODE, DISTRIBUTED_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan, exact_plan_for,
-                          host_available_memory, run_planned)
+from klvae.tiling import (ALL_MODES, DEFAULT_MODE, DISTRIBUTED_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan,
+                          exact_plan_for, host_available_memory, run_planned)
 from klvae.tiling_plan import ExactPlan
 from klvae.torch import distributed_tiling
 from klvae.torch.exact_tiling import run_exact
@@ -32,26 +32,30 @@ __all__ = ["DEFAULT_MODE", "MODES", "available_memory", "blend_tiled_decode", "b
 
 
 def tiled_decode(model, z: torch.Tensor, *, mode: str = DEFAULT_MODE, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> torch.Tensor:
+                 tile_overlap_factor: float | None = None, memory_limit: float | None = None,
+                 spill: bool | str = False) -> torch.Tensor:
     """Decode (B, latent_channels, h, w) latents to images in tiles.
 
     ``tile_sample_min_size``: tile side in output pixels (default: the model's ``tile_sample_min_size``);
     images no larger than one tile are decoded untiled. ``tile_overlap_factor``: blend mode only.
     ``memory_limit``: bytes of activations the exact plan should stay within (an estimate); ``None`` keeps
     every intermediate the plan can (fastest), except in ``"auto"`` mode where it is the available memory.
+    ``spill``: to stay within the limit, exact plans may keep activations in temporary files (in the system's
+    temporary folder, or in the folder given) instead of recomputing them (:mod:`klvae.tiling_spill`).
     """
-    return _tiled(model, z, "decode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    return _tiled(model, z, "decode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit, spill)
 
 
 def tiled_encode(model, x: torch.Tensor, *, mode: str = DEFAULT_MODE, tile_sample_min_size: int | None = None,
-                 tile_overlap_factor: float | None = None, memory_limit: float | None = None) -> torch.Tensor:
+                 tile_overlap_factor: float | None = None, memory_limit: float | None = None,
+                 spill: bool | str = False) -> torch.Tensor:
     """Encode (B, C, H, W) images to posterior moments (B, 2 * latent_channels, H / f, W / f) in tiles; the
     options are :func:`tiled_decode`'s, with ``tile_sample_min_size`` in input pixels."""
-    return _tiled(model, x, "encode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit)
+    return _tiled(model, x, "encode", mode, tile_sample_min_size, tile_overlap_factor, memory_limit, spill)
 
 
 def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overlap: float | None,
-           memory_limit: float | None) -> torch.Tensor:
+           memory_limit: float | None, spill: bool | str = False) -> torch.Tensor:
     tile, overlap = _sizes(model, tile, overlap)
     if memory_limit is not None and not memory_limit > 0:
         raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
@@ -60,6 +64,9 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
         make_plan, run = (decode_plan, model._decode_latents) if kind == "decode" else (encode_plan, model._encode_moments)
         return _blend_tiles(x, make_plan(tile, tile // f, overlap), run)
     if mode == DISTRIBUTED_MODE:
+        if spill:
+            raise ValueError("tiling mode 'distributed' keeps stored activations in memory (split over the ranks); "
+                             "spill files are for mode 'exact' or 'auto'")
         if distributed_tiling.world_size() > 1:
             _check_no_grad(model, x)
             latent_hw = _latent_hw(model, x, kind)
@@ -71,9 +78,9 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
     if mode in ("exact", "auto"):
         return run_planned(mode, model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), tile,
                            memory_limit, untiled=lambda: _untiled(model, x, kind),
-                           run_exact=lambda plan: _run_exact(model, plan, x),
+                           run_exact=lambda plan: _run_exact(model, plan, x, spill),
                            available_memory=lambda: available_memory(x.device), is_out_of_memory=is_out_of_memory,
-                           release_memory=lambda: _release_memory(x.device), stacklevel=3)
+                           release_memory=lambda: _release_memory(x.device), stacklevel=3, spill=bool(spill))
     raise ValueError(f"unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
@@ -96,9 +103,9 @@ def _untiled(model, x: torch.Tensor, kind: str) -> torch.Tensor:
     return model._decode_latents(x) if kind == "decode" else model._encode_moments(x)
 
 
-def _run_exact(model, plan: ExactPlan, x: torch.Tensor) -> torch.Tensor:
+def _run_exact(model, plan: ExactPlan, x: torch.Tensor, spill: bool | str = False) -> torch.Tensor:
     _check_no_grad(model, x)
-    return run_exact(model, plan, x)
+    return run_exact(model, plan, x, spill if isinstance(spill, str) else None)
 
 
 def _check_no_grad(model, x: torch.Tensor) -> None:
