@@ -221,7 +221,8 @@ def dist_run(args) -> None:
                    key=lambda r: r["rank"])
     record = {k: v for k, v in ranks[0].items() if k != "rank"}
     record.update(seconds=max(r["seconds"] for r in ranks), cpu_seconds=round(sum(r["cpu_seconds"] for r in ranks), 2),
-                  peak_rss_mib=max(r["peak_rss_mib"] for r in ranks), rank_peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
+                  peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+                  rank_peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                   date=time.strftime("%Y-%m-%d"))
     with open(args.log, "a") as f:

@@ -182,7 +182,8 @@ def test_halo_pieces_by_hand():
     assert plan.grids[k] == TileGrid((0, 2, 4), (0, 2))
     assert shares.tiles(k, 0) == [(0, 0)] and shares.tiles(k, 1) == [(1, 0)]
     sent = [(p.node, p.chunk, p.rows, p.cols, p.src, p.dst) for p in shares.pieces(k)]
-    assert sent == [("decoder.conv_in", (1, 0), (2, 3), (0, 2), 1, 0), ("decoder.conv_in", (0, 0), (1, 2), (0, 2), 0, 1)]
+    assert sent == [("decoder.conv_in", (1, 0), (2, 3), (0, 2), 1, 0),
+                    ("decoder.conv_in", (0, 0), (1, 2), (0, 2), 0, 1)]
     # what each rank keeps of conv_in: its own band plus that halo row
     assert shares.needs["decoder.conv_in"] == [{(0, 0): (0, 2), (1, 0): (2, 3)}, {(0, 0): (1, 2), (1, 0): (2, 4)}]
     channels = plan.graph["decoder.conv_in"].channels

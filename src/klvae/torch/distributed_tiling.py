@@ -223,4 +223,5 @@ def min_over_ranks(comm: Comm, value: int | None) -> int | None:
     return None if min(got) < 0 else min(got)
 
 
-__all__ = ["Comm", "DistributedExecutor", "LAUNCH_HINT", "check_same_input", "join_default_group", "min_over_ranks", "run_distributed", "world_size"]
+__all__ = ["Comm", "DistributedExecutor", "LAUNCH_HINT", "check_same_input", "join_default_group", "min_over_ranks",
+           "run_distributed", "world_size"]
