@@ -11,6 +11,13 @@ Every configuration runs in its own subprocess, so each peak RSS belongs to one 
 and resumed. Each run saves its output under ``--outputs`` (``.npy``) so that ``table`` can report the relative
 error of every result against klvae's untiled one of the same size (where that run fitted in memory).
 One run by hand: ``python benchmarks/tiling_bench.py run --impl klvae --mode exact --op decode --size 1024``.
+Distributed exact tiling (issue 18) on N CPU ranks under torchrun (gloo, one thread each), one record with every
+rank's peak RSS; ``compare`` gives the relative error between two saved outputs:
+
+    python benchmarks/tiling_bench.py dist --ranks 2 --op decode --size 2048 --log benchmarks/tiling_results.jsonl
+    python benchmarks/tiling_bench.py sweep --sizes 2048 --ops decode --runs klvae:exact --again
+    python benchmarks/tiling_bench.py compare /tmp/klvae_tiling_outputs/decode_2048_klvae_distributed_t512.npy \
+        /tmp/klvae_tiling_outputs/decode_2048_klvae_exact_t512.npy
 FLUX.2, where diffusers' tiles follow its sample_size of 1024 (a user must set 512 to tile a 1024 image):
 
     python benchmarks/tiling_bench.py sweep --arch flux2 --sizes 1024,2048 --ops decode \
@@ -78,6 +85,13 @@ def run_one(args) -> dict:
 
     import klvae
 
+    rank = 0
+    if args.mode == "distributed":  # one rank of a torchrun job
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
     torch.manual_seed(0)
     ours_name, theirs_name, fields = ARCHS[args.arch]
     ours = getattr(klvae, ours_name)(**fields).eval()
@@ -114,7 +128,10 @@ def run_one(args) -> dict:
                   tile=args.tile or _config(args.arch).sample_height_width[0],
                   memory_limit=args.memory_limit, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
                   base_rss_mib=round(base / 1024), threads=torch.get_num_threads(), torch=torch.__version__)
-    if args.outputs:
+    if args.mode == "distributed":
+        record.update(rank=rank, world=dist.get_world_size())
+        dist.destroy_process_group()
+    if args.outputs and rank == 0:
         import numpy as np
 
         os.makedirs(args.outputs, exist_ok=True)
@@ -190,6 +207,36 @@ def sweep(args) -> None:
                 print(json.dumps(record), flush=True)
 
 
+def dist_run(args) -> None:
+    """One distributed run under torchrun; appends one record: the slowest rank's time, every rank's peak RSS."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}", __file__,
+           "run", "--arch", args.arch, "--impl", "klvae", "--mode", "distributed", "--op", args.op, "--size",
+           str(args.size), "--outputs", args.outputs]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    print("running", " ".join(cmd[2:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    record = {k: v for k, v in ranks[0].items() if k != "rank"}
+    record.update(seconds=max(r["seconds"] for r in ranks), cpu_seconds=round(sum(r["cpu_seconds"] for r in ranks), 2),
+                  peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+                  rank_peak_rss_mib=[r["peak_rss_mib"] for r in ranks],
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                  date=time.strftime("%Y-%m-%d"))
+    with open(args.log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def compare(args) -> None:
+    import numpy as np
+
+    a, b = np.load(args.actual, mmap_mode="r"), np.load(args.expected, mmap_mode="r")
+    print(f"rel. error {float(np.abs(a - b).max() / np.abs(b).max()):.1e}")
+
+
 def _available_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -258,7 +305,7 @@ def main() -> None:
     one = sub.add_parser("run", help="one measurement in this process; prints a JSON line")
     one.add_argument("--arch", choices=tuple(ARCHS), default="sd")
     one.add_argument("--impl", choices=("klvae", "diffusers"), required=True)
-    one.add_argument("--mode", choices=("untiled", "exact", "blend", "tiled", "auto"), required=True)
+    one.add_argument("--mode", choices=("untiled", "exact", "blend", "tiled", "auto", "distributed"), required=True)
     one.add_argument("--op", choices=("decode", "encode"), required=True)
     one.add_argument("--size", type=int, required=True)
     one.add_argument("--tile", type=int, default=0, help="tile_sample_min_size (default: the config's sample_size)")
@@ -278,8 +325,23 @@ def main() -> None:
     tab = sub.add_parser("table", help="markdown table of --log")
     tab.add_argument("--log", default="benchmarks/tiling_results.jsonl")
     tab.add_argument("--outputs", default="/tmp/klvae_tiling_outputs")
+    ranks = sub.add_parser("dist", help="distributed exact tiling on --ranks CPU processes under torchrun")
+    ranks.add_argument("--arch", choices=tuple(ARCHS), default="sd")
+    ranks.add_argument("--ranks", type=int, default=2)
+    ranks.add_argument("--op", choices=("decode", "encode"), default="decode")
+    ranks.add_argument("--size", type=int, default=2048)
+    ranks.add_argument("--timeout", type=float, default=6 * 3600)
+    ranks.add_argument("--log", default="benchmarks/tiling_results.jsonl")
+    ranks.add_argument("--outputs", default="/tmp/klvae_tiling_outputs")
+    cmp = sub.add_parser("compare", help="relative error of one saved output against another")
+    cmp.add_argument("actual")
+    cmp.add_argument("expected")
     args = parser.parse_args()
-    if args.command == "run":
+    if args.command == "dist":
+        dist_run(args)
+    elif args.command == "compare":
+        compare(args)
+    elif args.command == "run":
         print(json.dumps(run_one(args)))
     elif args.command == "sweep":
         sweep(args)

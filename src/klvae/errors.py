@@ -47,3 +47,7 @@ def _head(items: list[str], limit: int = 20) -> list[str]:
     if len(items) <= limit:
         return list(items)
     return list(items[:limit]) + [f"... and {len(items) - limit} more"]
+
+
+class DistributedError(KLVAEError, RuntimeError):
+    """A distributed run cannot go ahead: no process group, or the ranks were given different inputs."""

@@ -21,11 +21,14 @@ import numpy as np
 from klvae.config import AutoencoderKLConfig
 from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
 
-# Every tiling mode. Each backend checks against the modes it runs: the PyTorch backend all of them
-# (klvae.torch.tiling.MODES); MODES lists those every backend runs.
+# The tiling modes of one process. Each backend checks against the modes it runs (klvae.torch.tiling.MODES,
+# klvae.flax.tiling.MODES); MODES lists those every backend runs.
 ALL_MODES = ("exact", "blend", "auto")
 ALL_MODES += ("sharded",)  # Flax only: row bands over a jax Mesh axis (klvae.flax.sharded)
 MODES = ("blend",)
+# The exact plan shared over the ranks of a torch.distributed process group: PyTorch only, so it is not in
+# ALL_MODES (klvae.torch.tiling.MODES adds it).
+DISTRIBUTED_MODE = "distributed"
 # The PyTorch backend's default: exact tiling gives the untiled result and measured faster than blend (docs/tiling.md).
 # The Flax backend keeps "blend", which runs under jit.
 DEFAULT_MODE = "exact"

@@ -197,12 +197,13 @@ class WholeStore:
 
 
 class ChunkStore:
-    """A node held as one chunk per tile, each ``(array, first_row)``; chunks shrink to the rows later tiles
-    still need, then go."""
+    """A node held as one chunk per tile, each ``(array, first_row, end_row)``: all of the chunk's columns, and
+    the rows ``first_row:end_row`` of it (all of them when written; chunks shrink to the rows later tiles still
+    need, then go; a distributed rank holds only the rows its own tiles read)."""
 
     def __init__(self, rows: tuple[int, ...], cols: tuple[int, ...], ops: TileOps):
         self.rows, self.cols, self.ops = rows, cols, ops  # chunk boundaries in the node's pixels
-        self.chunks: dict[tuple[int, int], tuple[Array, int]] = {}
+        self.chunks: dict[tuple[int, int], tuple[Array, int, int]] = {}
 
     def chunk_range(self, region: Region) -> tuple[range, range]:
         r0, r1, c0, c1 = region
@@ -211,8 +212,8 @@ class ChunkStore:
 
     def held(self, key: tuple[int, int]) -> Region:
         """The rectangle chunk ``key`` holds now."""
-        i, j = key
-        return self.chunks[key][1], self.rows[i + 1], self.cols[j], self.cols[j + 1]
+        _, first, end = self.chunks[key]
+        return first, end, self.cols[key[1]], self.cols[key[1] + 1]
 
     def read(self, region: Region) -> Pieces:
         r0, r1, c0, c1 = region
@@ -221,15 +222,30 @@ class ChunkStore:
         for i in rows_i:
             a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
             for j in cols_j:
-                array, first = self.chunks[i, j]
-                if a < first:
-                    raise AssertionError(f"chunk {(i, j)} was released above row {first}; row {a} is needed")
+                array, first, end = self.chunks[i, j]
+                if a < first or b > end:
+                    raise AssertionError(f"chunk {(i, j)} holds rows {first}:{end}; rows {a}:{b} are needed")
                 want = (a, b, max(c0, self.cols[j]), min(c1, self.cols[j + 1]))
                 parts.append((crop(array, self.held((i, j)), want, self.ops.row_axis), want))
         return Pieces(parts, region, self.ops)
 
     def write(self, key: tuple[int, int], region: Region, value: Array) -> None:
-        self.chunks[key] = (self.ops.own(value), self.rows[key[0]])
+        self.put(key, (self.rows[key[0]], self.rows[key[0] + 1]), value)
+
+    def put(self, key: tuple[int, int], rows: tuple[int, int], value: Array) -> None:
+        """Hold ``value`` as rows ``rows`` (all columns) of chunk ``key``."""
+        self.chunks[key] = (self.ops.own(value), *rows)
+
+    def keep(self, key: tuple[int, int], rows: tuple[int, int] | None) -> None:
+        """Cut chunk ``key`` down to ``rows`` (inside what it holds), or drop it (``rows=None``)."""
+        if key not in self.chunks:
+            return
+        if rows is None:
+            del self.chunks[key]
+            return
+        held = self.held(key)
+        if rows != held[:2]:
+            self.put(key, rows, crop(self.chunks[key][0], held, (*rows, *held[2:]), self.ops.row_axis))
 
     def release(self, key: tuple[int, int], keep_from: int | None) -> None:
         """Drop chunk ``key`` (``keep_from=None``) or all of it above row ``keep_from``."""
@@ -238,11 +254,9 @@ class ChunkStore:
         if keep_from is None:
             del self.chunks[key]
             return
-        array, first = self.chunks[key]
+        _, first, end = self.chunks[key]
         if keep_from > first:
-            held = self.held(key)
-            kept = crop(array, held, (keep_from, *held[1:]), self.ops.row_axis)
-            self.chunks[key] = (self.ops.own(kept), keep_from)
+            self.keep(key, (keep_from, end))
 
     def whole(self) -> Array:
         last = (self.rows[0], self.rows[-1], self.cols[0], self.cols[-1])

@@ -70,14 +70,18 @@ def pass_scale(graph: Graph, step: "Pass") -> int:
     return max(graph[name].scale for name in step.closure)
 
 
+def split_evenly(length: int, parts: int) -> tuple[int, ...]:
+    """Boundaries of ``parts`` near-equal pieces of ``0:length``."""
+    return tuple(round(k * length / parts) for k in range(parts + 1))
+
+
 def make_grid(latent_hw: tuple[int, int], tile_latents: int) -> TileGrid:
     """Split each axis into ``ceil(length / tile_latents)`` near-equal tiles."""
     if tile_latents < 1:
         raise ValueError(f"tiles must be at least one latent pixel, got {tile_latents}")
 
     def split(length: int) -> tuple[int, ...]:
-        n = max(1, math.ceil(length / tile_latents))
-        return tuple(round(k * length / n) for k in range(n + 1))
+        return split_evenly(length, max(1, math.ceil(length / tile_latents)))
 
     return TileGrid(split(latent_hw[0]), split(latent_hw[1]))
 
@@ -534,4 +538,4 @@ def untiled_estimate(config: AutoencoderKLConfig, kind: str, latent_hw: tuple[in
 
 
 __all__ = ["ExactPlan", "GlobalStep", "Pass", "TileGrid", "estimate", "estimate_untiled", "graph_for",
-           "make_grid", "plan_exact", "run_steps", "schedule", "untiled_estimate", "ADD", "CONV"]
+           "make_grid", "plan_exact", "run_steps", "schedule", "split_evenly", "untiled_estimate", "ADD", "CONV"]

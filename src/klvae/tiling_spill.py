@@ -67,7 +67,7 @@ class SpillStore(ChunkStore):
         path = f"{self.prefix}-{key[0]}-{key[1]}.bin"
         np.ascontiguousarray(array).tofile(path)
         self.files[key] = (path, array.shape, array.dtype, token)
-        self.chunks[key] = (None, self.rows[key[0]])  # which chunks exist, for releases()
+        self.chunks[key] = (None, self.rows[key[0]], self.rows[key[0] + 1])  # which chunks exist, for releases()
 
     def read(self, region) -> Pieces:
         r0, r1, c0, c1 = region

@@ -96,6 +96,8 @@ class Runner:
         patch = self.scaling.patch_size if scaled else None
         return self.factor * (patch[0] if patch else 1)
 
+    writes = True  # whether this process writes output files (in a distributed run, rank 0 alone)
+
     def describe(self) -> str:
         return f"{self.source.name} ({self.backend}, {self.dtype}, {self.device})"
 
@@ -122,11 +124,14 @@ class TorchRunner(Runner):
         self.scaling = latent_scaling(model)
         self.dtype = DTYPES[dtype]
         if tiling is not None:
-            from klvae.tiling import ALL_MODES, DEFAULT_MODE
+            from klvae.tiling import DEFAULT_MODE, DISTRIBUTED_MODE
+            from klvae.torch.tiling import MODES
 
             mode = DEFAULT_MODE if tiling == "default" else tiling
-            if mode not in ALL_MODES:
-                raise CLIError(f"--tiling {tiling}: unknown mode; choose one of {', '.join(ALL_MODES)}")
+            if mode not in MODES:
+                raise CLIError(f"--tiling {tiling}: unknown mode; choose one of {', '.join(MODES)}")
+            if mode == DISTRIBUTED_MODE:
+                self.writes = _join_ranks(self.device)
             self.model.enable_tiling(mode)
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +146,18 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             z = torch.from_numpy(np.ascontiguousarray(latents, np.float32)).to(self.device, self.model.dtype)
             return _np(self.model.decode(z).sample)
+
+
+def _join_ranks(device) -> bool:
+    """Join the torchrun job's default process group (gloo on CPU, NCCL on CUDA; left at exit); True on rank 0,
+    the one rank that writes output files."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise CLIError("--tiling distributed shares each image over the processes of a torchrun job; launch with "
+                       "torchrun --nproc-per-node N -m klvae.cli ... (in one process, use --tiling exact: the same "
+                       "result)")
+    from klvae.torch.distributed_tiling import join_default_group
+
+    return join_default_group(device) == 0
 
 
 def _np(t) -> np.ndarray:
@@ -244,11 +261,14 @@ def load_runner(args: argparse.Namespace) -> Runner:
     source = model_source(args.model)
     cls = TorchRunner if args.backend == "torch" else FlaxRunner
     try:
-        return cls(source, args.dtype, args.device, args.tiling, args.model_config)
+        runner = cls(source, args.dtype, args.device, args.tiling, args.model_config)
     except (ValueError, TypeError) as e:  # e.g. an unknown --config preset raised as ValueError by a lower layer
         if isinstance(e, KLVAEError):
             raise
         raise CLIError(f"--model {source.name}: {e}") from None
+    if not runner.writes:  # the other ranks of a distributed run say nothing
+        args.quiet = True
+    return runner
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches_by_shape(progress(jobs, len(jobs), "decode", args.quiet), lambda j: j[0][3].shape,
                                   args.batch_size):
         images = runner.decode(np.stack([z for (_, _, _, z, _), _ in batch]))
+        if not runner.writes:  # another rank of a distributed run writes
+            continue
         os.makedirs(args.output, exist_ok=True)
         for ((path, _, _, z, meta), out), image in zip(batch, images):
             pixels = from_model_output(image)

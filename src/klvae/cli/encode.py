@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
         if args.scaled:
             z = runner.scaling.scale(z)
+        if not runner.writes:  # another rank of a distributed run writes
+            continue
         for (path, out, size, x), latents in zip(batch, z):
             meta = latent_metadata(runner, args.scaled, source=os.path.basename(path), source_size=list(size),
                                    padded_size=list(x.shape[1:]),

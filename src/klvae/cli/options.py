@@ -24,7 +24,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "first accelerator if there is one")
     g.add_argument("--tiling", nargs="?", const="default", default=None, metavar="MODE",
                    help="process large images in tiles; MODE is exact (torch default: same result as untiled), "
-                        "blend (diffusers' algorithm; the Flax default) or auto")
+                        "blend (diffusers' algorithm; the Flax default), auto, or distributed (torch, under "
+                        "torchrun: the exact tiles shared over the job's processes; rank 0 writes the outputs)")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:

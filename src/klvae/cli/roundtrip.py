@@ -69,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
         recon = quantize(from_model_output(runner.decode(mean)[0])[:h, :w], img.bits).astype("float32") / top
         rows.append({"image": shown.get(path, path), "size": f"{w}x{h}", "latents": "x".join(map(str, mean.shape[1:])),
                      "psnr": psnr(original, recon), "ssim": ssim(original, recon)})
-        if args.output:
+        if args.output and runner.writes:
             os.makedirs(args.output, exist_ok=True)
             write_image(os.path.join(args.output, f"{stem}.png"), recon, img.bits)
             write_image(os.path.join(args.output, f"{stem}-compare.png"),
                         comparison_image(original, recon, args.error_scale), 8)
-    _print_table(rows, args.json)
+    if runner.writes:  # one table from a distributed run
+        _print_table(rows, args.json)
     note(f"model: {runner.describe()}" + (f"; wrote reconstructions and comparisons to {args.output}"
                                           if args.output else ""), args.quiet)
     return 0

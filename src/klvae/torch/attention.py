@@ -126,11 +126,21 @@ class Attention(nn.Module):
             del self.qkv_weight, self.qkv_bias
             self.fused_projections = False
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = hidden_states
+    def forward(self, hidden_states: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Attention over all positions; with ``rows=(r0, r1)``, only the output rows r0:r1 (queries from those
+        rows, keys and values from all; each query's softmax is its own, so the rows equal the whole's)."""
         b, c, h, w = hidden_states.shape
+        residual = hidden_states if rows is None else hidden_states[:, :, rows[0]:rows[1]]
         x = self.group_norm(hidden_states.reshape(b, c, h * w)).transpose(1, 2)  # (b, hw, c)
-        if self.fused_projections:
+        if rows is not None:
+            xq = x[:, rows[0] * w:rows[1] * w]
+            if self.fused_projections:
+                q = F.linear(xq, self.qkv_weight[:c], self.qkv_bias[:c])
+                k, v = F.linear(x, self.qkv_weight[c:], self.qkv_bias[c:]).chunk(2, dim=-1)
+            else:
+                q, k, v = self.to_q(xq), self.to_k(x), self.to_v(x)
+            h = rows[1] - rows[0]
+        elif self.fused_projections:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)

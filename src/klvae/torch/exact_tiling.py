@@ -153,22 +153,25 @@ class TorchTileOps:
         return moments.scale_shift(self.module(node.norm), self.dtype)
 
     def run_global(self, node: Node, x: torch.Tensor) -> torch.Tensor:
-        return _run_whole(self.module(node.module), x)
+        return run_global_module(self.module(node.module), x)
 
 
-def _run_whole(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a GLOBAL node's module on the whole tensor; the plain attention processor, which would hold the
-    (N, N) scores, is swapped for the chunked one while a sequence is long."""
+def run_global_module(module: nn.Module, x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Run a GLOBAL node's module on the whole tensor (an attention: only its output ``rows``, if given); the
+    plain attention processor, which would hold the (N, N) scores, is swapped for the chunked one while a
+    sequence is long."""
+    args = () if rows is None else (rows,)
     if isinstance(module, Attention) and type(module.processor) is AttnProcessor:
         n = x.shape[2] * x.shape[3]
-        if x.shape[0] * n * n * 4 > _MAX_ATTENTION_SCORES_BYTES:
+        queries = n if rows is None else (rows[1] - rows[0]) * x.shape[3]
+        if x.shape[0] * queries * n * 4 > _MAX_ATTENTION_SCORES_BYTES:
             plain = module.processor
             module.set_processor(ChunkedAttnProcessor())
             try:
-                return module(x)
+                return module(x, *args)
             finally:
                 module.set_processor(plain)
-    return module(x)
+    return module(x, *args)
 
 
 def run_exact(model: nn.Module, plan: ExactPlan, x: torch.Tensor, spill_dir: str | None = None) -> torch.Tensor:

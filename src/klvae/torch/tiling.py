@@ -7,6 +7,9 @@ Three modes, one set of plain functions (the model's ``enable_tiling`` switch ca
 - ``"blend"``: diffusers' algorithm (tiles with their own statistics, blended linearly); diffusers' output.
 - ``"auto"``: untiled when the estimated memory fits ``memory_limit`` (default: the memory available now),
   otherwise, or after an out-of-memory error, exact tiling within the limit. Same output either way.
+- ``"distributed"``: the exact plan's tiles shared over the ranks of the initialised default torch.distributed
+  process group (:mod:`klvae.torch.distributed_tiling`); every rank passes the same input and gets the whole,
+  untiled result. One rank runs ``"exact"``.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from collections.abc import Callable
 
 import torch
 
-from klvae.tiling import (ALL_MODES, DEFAULT_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan, exact_plan_for,
-                          host_available_memory, run_planned)
+from klvae.tiling import (ALL_MODES, DEFAULT_MODE, DISTRIBUTED_MODE, BlendPlan, blend_ramp, decode_plan, encode_plan,
+                          exact_plan_for, host_available_memory, run_planned)
 from klvae.tiling_plan import ExactPlan
+from klvae.torch import distributed_tiling
 from klvae.torch.exact_tiling import run_exact
 
-MODES = ALL_MODES  # this backend runs every mode
+MODES = ALL_MODES + (DISTRIBUTED_MODE,)  # this backend runs every mode, and shares exact tiles over ranks
 
 __all__ = ["DEFAULT_MODE", "MODES", "available_memory", "blend_tiled_decode", "blend_tiled_encode_moments",
            "exact_plan", "tiled_decode", "tiled_encode"]
@@ -59,6 +63,18 @@ def _tiled(model, x: torch.Tensor, kind: str, mode: str, tile: int | None, overl
     if mode == "blend":
         make_plan, run = (decode_plan, model._decode_latents) if kind == "decode" else (encode_plan, model._encode_moments)
         return _blend_tiles(x, make_plan(tile, tile // f, overlap), run)
+    if mode == DISTRIBUTED_MODE:
+        if spill:
+            raise ValueError("tiling mode 'distributed' keeps stored activations in memory (split over the ranks); "
+                             "spill files are for mode 'exact' or 'auto'")
+        if distributed_tiling.world_size() > 1:
+            _check_no_grad(model, x)
+            latent_hw = _latent_hw(model, x, kind)
+            return distributed_tiling.run_distributed(
+                model, x, lambda available: exact_plan_for(model.config, kind, latent_hw, x.shape[0], x.element_size(),
+                                                           tile, memory_limit, available),
+                None if memory_limit is not None else available_memory(x.device))
+        mode = "exact"
     if mode in ("exact", "auto"):
         return run_planned(mode, model.config, kind, _latent_hw(model, x, kind), x.shape[0], x.element_size(), tile,
                            memory_limit, untiled=lambda: _untiled(model, x, kind),
@@ -88,11 +104,15 @@ def _untiled(model, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _run_exact(model, plan: ExactPlan, x: torch.Tensor, spill: bool | str = False) -> torch.Tensor:
+    _check_no_grad(model, x)
+    return run_exact(model, plan, x, spill if isinstance(spill, str) else None)
+
+
+def _check_no_grad(model, x: torch.Tensor) -> None:
     if torch.is_grad_enabled() and (x.requires_grad or (model.training and
                                                          any(p.requires_grad for p in model.parameters()))):
         raise RuntimeError("exact tiling runs without autograd (it frees activations as it goes); call it under "
                            "torch.no_grad() with the model in eval mode, or use untiled or blend mode to train")
-    return run_exact(model, plan, x, spill if isinstance(spill, str) else None)
 
 
 # ---------------------------------------------------------------------------------------------- auto
