@@ -118,11 +118,14 @@ def test_without_a_process_group_the_error_says_how_to_launch(pairs):
         model.disable_tiling()
 
 
-def test_flax_does_not_list_distributed():
+def test_each_backend_lists_only_its_own_multi_device_mode():
+    from klvae.flax.tiling import MODES as FLAX_MODES
     from klvae.tiling import ALL_MODES
     from klvae.torch.tiling import MODES
 
-    assert "distributed" in MODES and "distributed" not in ALL_MODES
+    assert "distributed" in MODES and "sharded" not in MODES
+    assert "sharded" in FLAX_MODES and "distributed" not in FLAX_MODES
+    assert not {"distributed", "sharded"} & set(ALL_MODES)
 
 
 def test_one_rank_is_exact_tiling(pairs, tmp_path):

@@ -21,14 +21,12 @@ import numpy as np
 from klvae.config import AutoencoderKLConfig
 from klvae.tiling_plan import ExactPlan, plan_exact, untiled_estimate
 
-# The tiling modes of one process. Each backend checks against the modes it runs (klvae.torch.tiling.MODES,
-# klvae.flax.tiling.MODES); MODES lists those every backend runs.
+# The tiling modes every backend runs on one device. Each backend adds its own way of spreading one image over
+# several devices: klvae.torch.tiling.MODES the exact plan shared over torch.distributed ranks
+# (DISTRIBUTED_MODE), klvae.flax.tiling.MODES row bands over a jax Mesh axis (SHARDED_MODE).
 ALL_MODES = ("exact", "blend", "auto")
-ALL_MODES += ("sharded",)  # Flax only: row bands over a jax Mesh axis (klvae.flax.sharded)
-MODES = ("blend",)
-# The exact plan shared over the ranks of a torch.distributed process group: PyTorch only, so it is not in
-# ALL_MODES (klvae.torch.tiling.MODES adds it).
 DISTRIBUTED_MODE = "distributed"
+SHARDED_MODE = "sharded"
 # The PyTorch backend's default: exact tiling gives the untiled result and measured faster than blend (docs/tiling.md).
 # The Flax backend keeps "blend", which runs under jit.
 DEFAULT_MODE = "exact"

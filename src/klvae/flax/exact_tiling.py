@@ -203,7 +203,7 @@ class TracedExecutor(ExactExecutor):
     def barrier(self) -> None:
         """Pass every array the executor holds through one ``optimization_barrier`` and keep its outputs."""
         state = ({name: store.array for name, store in self.stores.items() if isinstance(store, WholeStore)},
-                 {name: {key: array for key, (array, _) in store.chunks.items()}
+                 {name: {key: chunk[0] for key, chunk in store.chunks.items()}
                   for name, store in self.stores.items() if isinstance(store, ChunkStore)},
                  {name: (m.mean, m.m2) for name, m in self.stats.items() if m.mean is not None},
                  self.norms)
@@ -212,7 +212,7 @@ class TracedExecutor(ExactExecutor):
             self.stores[name].array = array
         for name, chunks in chunked.items():
             store = self.stores[name]
-            store.chunks = {key: (array, store.chunks[key][1]) for key, array in chunks.items()}
+            store.chunks = {key: (array, *store.chunks[key][1:]) for key, array in chunks.items()}
         for name, (mean, m2) in moments.items():
             self.stats[name].mean, self.stats[name].m2 = mean, m2
 

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from klvae import tiling as shared
-from klvae.tiling import BlendPlan, blend_ramp
+from klvae.tiling import ALL_MODES, SHARDED_MODE, BlendPlan, blend_ramp
 from klvae.tiling_plan import ExactPlan
 
-MODES = ("exact", "blend", "auto", "sharded")  # the modes of klvae.tiling.ALL_MODES this backend runs
+MODES = ALL_MODES + (SHARDED_MODE,)  # row bands over a mesh axis too
 
 __all__ = ["MODES", "available_memory", "blend_tiles", "exact_plan", "run_planned", "tiled_decode", "tiled_encode"]
 

@@ -25,7 +25,7 @@ from klvae.tiling_plan import ExactPlan
 from klvae.torch import distributed_tiling
 from klvae.torch.exact_tiling import run_exact
 
-MODES = ALL_MODES + (DISTRIBUTED_MODE,)  # this backend runs every mode, and shares exact tiles over ranks
+MODES = ALL_MODES + (DISTRIBUTED_MODE,)  # the exact plan shared over ranks too
 
 __all__ = ["DEFAULT_MODE", "MODES", "available_memory", "blend_tiled_decode", "blend_tiled_encode_moments",
            "exact_plan", "tiled_decode", "tiled_encode"]
