@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from klvae.train.latent_scale import RunningMoments, posterior_mean_std, scaling_factor
-from klvae.train.recon_metrics import (border_interior_psnr, channel_mean_error, colour_spread, colour_spread_ratio,
-                                       reconstruction_metrics, worst_edge_psnr)
+from klvae.train.recon_metrics import (border_interior_psnr, channel_mean_error, chroma_error, colour_spread,
+                                       colour_spread_ratio, reconstruction_metrics, worst_edge_psnr)
 
 
 def _images(seed=0, h=48, w=40):
@@ -60,7 +60,8 @@ def test_border_and_interior_psnr_by_pixel_distance_to_the_edge():
     assert got_interior == math.inf
     assert got_border == pytest.approx(10 * math.log10(3 * n_border / row_sq), rel=1e-12)
     values = reconstruction_metrics(a, b)
-    assert set(values) == {"colour", "err_r", "err_g", "err_b", "psnr_border", "psnr_interior", "psnr_edge_line"}
+    assert set(values) == {"colour", "chroma_err", "err_r", "err_g", "err_b", "psnr_border", "psnr_interior",
+                           "psnr_edge_line"}
     # The worst 2-pixel edge strip: only the top one has errors in c.
     assert worst_edge_psnr(a, c) == pytest.approx(10 * math.log10(3 * 2 * 70 / row_sq), rel=1e-12)
     strips = [sq[:2], sq[-2:], sq[:, :2], sq[:, -2:]]
@@ -183,3 +184,20 @@ def test_recipe_export_writes_the_rule_s_scaling_factor(tmp_path):
 
     weights = load_file(str(tmp_path / "out" / "diffusion_pytorch_model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float16}
+
+
+def test_chroma_error_counts_hue_and_tint_but_not_brightness():
+    original = np.zeros((2, 2, 3), np.uint8)
+    original[0, 0] = (200, 100, 50)
+    brighter = original.astype(np.int64) + 20                                  # same error in R, G and B
+    assert chroma_error(original, brighter.astype(np.uint8)) == pytest.approx(0.0, abs=1e-9)
+    recolored = original.copy()
+    recolored[0, 0] = (100, 150, 50)                                           # error (-100, +50, 0) at one pixel
+    d = np.array([-100.0, 50.0, 0.0])
+    expected = math.sqrt(((d - d.mean()) ** 2).mean()) / 4                     # by hand: 62.36 / 4 pixels
+    assert chroma_error(original, recolored) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(15.590, abs=1e-3)
+    grey = np.full((2, 2, 3), 128, np.uint8)
+    tinted = grey.copy()
+    tinted[..., 0] += 12                                                       # a red tint on a grey image
+    assert chroma_error(grey, tinted) == pytest.approx(math.sqrt(2 / 9) * 12, rel=1e-12)

@@ -3,8 +3,9 @@
 Each image is encoded, its posterior's mode decoded, and PSNR, SSIM (and LPIPS-VGG when its weights are
 installed) are reported per image and as mean +- std, as the SD VAE model cards report them, with colour and edge
 metrics (``klvae.train.recon_metrics``): ``colour`` = the reconstruction's colour spread over the original's
-(mean over pixels of the std across R, G, B; 1 = colour kept), ``err_r/g/b`` = mean error per channel in 8-bit
-levels, ``psnr_border`` / ``psnr_interior`` = PSNR of the 16-pixel border band and of the rest,
+(mean over pixels of the std across R, G, B; 1 = colour kept), ``chroma_err`` = the same spread of the error
+image in 8-bit levels (hue, tint and fading errors; 0 for a pure brightness error), ``err_r/g/b`` = mean error
+per channel in 8-bit levels, ``psnr_border`` / ``psnr_interior`` = PSNR of the 16-pixel border band and of the rest,
 ``psnr_edge_line`` = the lowest PSNR of the four 2-pixel strips along the edges. MODEL is a
 diffusers folder, a single-file checkpoint, a training checkpoint or run folder; without it, klvae's default model.
 """

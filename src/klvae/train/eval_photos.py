@@ -80,12 +80,13 @@ def evaluate_photos(model, lpips=None) -> dict:
 
 def markdown(report: dict) -> str:
     """The report as a Markdown table: one row per image, then a mean row per group and for all."""
-    head = ["image", "size", "PSNR dB", "SSIM", "colour", "err R/G/B", "PSNR border / interior", "worst edge line"]
+    head = ["image", "size", "PSNR dB", "SSIM", "colour", "chroma err", "err R/G/B", "PSNR border / interior",
+            "worst edge line"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cells(name: str, size: str, v: dict) -> str:
         colour = "grey input" if math.isnan(v["colour"]) else f"{v['colour']:.3f}"
-        return (f"| {name} | {size} | {v['psnr']:.2f} | {v['ssim']:.3f} | {colour} | "
+        return (f"| {name} | {size} | {v['psnr']:.2f} | {v['ssim']:.3f} | {colour} | {v['chroma_err']:.1f} | "
                 f"{v['err_r']:+.1f} / {v['err_g']:+.1f} / {v['err_b']:+.1f} | "
                 f"{v['psnr_border']:.2f} / {v['psnr_interior']:.2f} | {v['psnr_edge_line']:.2f} |")
 

@@ -5,6 +5,10 @@
   colour kept; below 1: washed out towards grey). NaN when the original is grey.
 - channel mean error: mean of (reconstruction - original) per channel, in 8-bit levels (a colour cast shows as
   errors of different sign).
+- chroma error: the colour spread of the error image, (reconstruction - original), in 8-bit levels: the part of
+  the error that is not grey. 0 when every pixel is off by the same amount in R, G and B (a pure brightness
+  error); a wrong hue, a tint on a grey image or a washed-out colour all raise it, so unlike the spread ratio
+  it cannot be passed by a saturated wrong colour.
 - border/interior PSNR: PSNR over the pixels within ``band`` pixels of any image edge, and over the rest; an edge
   artefact shows as a border PSNR well below the interior's.
 - worst edge line: the lowest PSNR of the four outermost ``EDGE_LINE``-pixel strips (top, bottom, left, right).
@@ -45,6 +49,12 @@ def colour_spread_ratio(original: np.ndarray, reconstruction: np.ndarray) -> flo
     """``colour_spread(reconstruction) / colour_spread(original)``; NaN for a grey original."""
     spread = colour_spread(original)
     return math.nan if spread == 0 else colour_spread(reconstruction) / spread
+
+
+def chroma_error(original: np.ndarray, reconstruction: np.ndarray) -> float:
+    """Mean over pixels of the population std across R, G, B of (reconstruction - original), in 8-bit levels."""
+    diff = _unit(reconstruction) - _unit(original)
+    return float(diff.std(axis=-1).mean() * 255.0)
 
 
 def channel_mean_error(original: np.ndarray, reconstruction: np.ndarray) -> tuple[float, float, float]:
@@ -93,6 +103,7 @@ def reconstruction_metrics(original: np.ndarray, reconstruction: np.ndarray, ban
     else:
         border, interior = border_interior_psnr(original, reconstruction, band)
     return {"colour": colour_spread_ratio(original, reconstruction),
+            "chroma_err": chroma_error(original, reconstruction),
             "err_r": err[0], "err_g": err[1], "err_b": err[2],
             "psnr_border": border, "psnr_interior": interior,
             "psnr_edge_line": worst_edge_psnr(original, reconstruction)}
