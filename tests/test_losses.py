@@ -36,6 +36,19 @@ def test_reconstruction_nll_kl_follow_ldm_reductions():
     assert torch.allclose(kl_loss(post), kl)
 
 
+def test_chroma_term_is_the_squared_error_off_the_grey_axis():
+    x, y, _ = _batch()
+    base = reconstruction_loss(x, y, l1_weight=0.0, l2_weight=1.0)
+    rec = reconstruction_loss(x, y, l1_weight=0.0, l2_weight=1.0, chroma_weight=2.0)
+    d = (x - y).double()
+    off_grey = d - d.mean(dim=1, keepdim=True)
+    assert torch.allclose((rec - base).double(), 2.0 * off_grey ** 2, atol=1e-6)
+    # Summed over channels: |d|^2 = 3 * mean(d)^2 + |off grey|^2 (hand algebra), so a brightness error costs nothing.
+    assert torch.allclose(base.double().sum(1), 3 * d.mean(1) ** 2 + (off_grey ** 2).sum(1), atol=1e-6)
+    shifted = reconstruction_loss(x, x + 0.25, l1_weight=0.0, l2_weight=0.0, chroma_weight=5.0)
+    assert float(shifted.abs().max()) < 1e-12
+
+
 def test_gan_losses_and_start_step():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.2, 1.5])
     hinge = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())

@@ -57,7 +57,8 @@ def test_torch_and_jax_objectives_agree(tmp_path, monkeypatch):
 
     cfg = _config(tmp_path, data={"crop_size": 32, "batch_size": 2, "val_dir": None},
                   loss={"disc_start": 0, "disc_channels": 8, "disc_layers": 2, "perceptual_weight": 0.5,
-                        "allow_random_lpips": True, "l2_weight": 0.3, "kl_weight": 1e-3, "logvar_init": 0.2})
+                        "allow_random_lpips": True, "l2_weight": 0.3, "chroma_weight": 0.7, "kl_weight": 1e-3,
+                        "logvar_init": 0.2})
     tt = TorchTrainer(cfg, resume=False)
     jt = JaxTrainer(cfg.replace(train={"output_dir": str(tmp_path / "jrun")}), resume=False)
     with torch.no_grad():                                     # move weights off their init values

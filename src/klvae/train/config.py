@@ -91,6 +91,7 @@ class LossSection:
 
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    chroma_weight: float = 0.0         # extra squared error off the grey axis (hue and saturation), per pixel
     perceptual_weight: float = 0.0
     lpips_weights: str | None = None   # a file; None searches the installed packages (see lpips.find_weights)
     allow_random_lpips: bool = False   # tests only: a randomly initialised LPIPS network
@@ -233,7 +234,8 @@ def _validate(c: TrainConfig) -> None:
     positive("optim", "grad_clip", c.optim.grad_clip, allow_zero=True)
     if c.optim.schedule not in SCHEDULES:
         raise ConfigError(f"[optim] schedule must be one of {', '.join(SCHEDULES)}, got {c.optim.schedule!r}")
-    for name in ("l1_weight", "l2_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
+    for name in ("l1_weight", "l2_weight", "chroma_weight", "perceptual_weight", "kl_weight", "disc_weight",
+                 "disc_factor"):
         positive("loss", name, getattr(c.loss, name), allow_zero=True)
     if c.loss.l1_weight == 0 and c.loss.l2_weight == 0 and c.loss.perceptual_weight == 0:
         raise ConfigError("[loss] l1_weight, l2_weight and perceptual_weight are all zero: nothing to reconstruct")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 class LossWeights:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    chroma_weight: float = 0.0
     perceptual_weight: float = 0.0
     kl_weight: float = 1e-6
     disc_start: int = -1

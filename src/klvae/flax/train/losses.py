@@ -11,14 +11,18 @@ from klvae.train.objective import LossWeights as LossWeights
 from klvae.train.objective import adopt_weight as adopt_weight
 
 
-def reconstruction_loss(x: jax.Array, x_rec: jax.Array, l1_weight: float = 1.0, l2_weight: float = 0.0) -> jax.Array:
-    """Per-pixel ``l1_weight * |x - x_rec| + l2_weight * (x - x_rec)^2``."""
+def reconstruction_loss(x: jax.Array, x_rec: jax.Array, l1_weight: float = 1.0, l2_weight: float = 0.0,
+                        chroma_weight: float = 0.0) -> jax.Array:
+    """Per-pixel loss of :func:`klvae.torch.train.losses.reconstruction_loss`, on NCHW images (the public layout
+    of the Flax model)."""
     diff = x.astype(jnp.float32) - x_rec.astype(jnp.float32)
     loss = jnp.zeros_like(diff)
     if l1_weight:
         loss = loss + l1_weight * jnp.abs(diff)
     if l2_weight:
         loss = loss + l2_weight * jnp.square(diff)
+    if chroma_weight:
+        loss = loss + chroma_weight * jnp.square(diff - diff.mean(axis=1, keepdims=True))
     return loss
 
 

@@ -135,7 +135,7 @@ class Trainer:
         """(nll, kl, g) and (reconstruction, updated discriminator batch stats, logs): the autoencoder's terms."""
         w = self.weights
         posterior, x_rec = self._apply_vae(trainable["vae"], x, key)
-        rec = reconstruction_loss(x, x_rec, w.l1_weight, w.l2_weight)
+        rec = reconstruction_loss(x, x_rec, w.l1_weight, w.l2_weight, w.chroma_weight)
         logs = {}
         if self.lpips is not None:
             p = lpips(self.lpips, x, x_rec)

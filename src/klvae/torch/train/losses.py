@@ -18,14 +18,18 @@ from klvae.train.objective import adopt_weight as adopt_weight
 
 # ---------------------------------------------------------------------- plain functions
 def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, l1_weight: float = 1.0,
-                        l2_weight: float = 0.0) -> torch.Tensor:
-    """Per-pixel ``l1_weight * |x - x_rec| + l2_weight * (x - x_rec)^2``, shape of ``x``."""
+                        l2_weight: float = 0.0, chroma_weight: float = 0.0) -> torch.Tensor:
+    """Per-pixel ``l1_weight * |d| + l2_weight * d^2 + chroma_weight * (d - mean_channels(d))^2`` with
+    ``d = x - x_rec``, shape of ``x`` (NCHW). The last term is the squared error off the grey axis: summed over
+    channels, it is the error of hue and saturation, without the brightness error."""
     diff = x.float() - x_rec.float()
     loss = torch.zeros_like(diff)
     if l1_weight:
         loss = loss + l1_weight * diff.abs()
     if l2_weight:
         loss = loss + l2_weight * diff.square()
+    if chroma_weight:
+        loss = loss + chroma_weight * (diff - diff.mean(dim=1, keepdim=True)).square()
     return loss
 
 
@@ -107,7 +111,7 @@ class AutoencoderLoss(nn.Module):
         needed for the adaptive GAN weight once the discriminator is on."""
         w = self.weights
         x, x_rec = x.float(), x_rec.float()
-        rec = reconstruction_loss(x, x_rec, w.l1_weight, w.l2_weight)
+        rec = reconstruction_loss(x, x_rec, w.l1_weight, w.l2_weight, w.chroma_weight)
         logs: dict[str, torch.Tensor] = {}
         if w.perceptual_weight > 0:
             p = self.perceptual(x, x_rec)                       # (B, 1, 1, 1), broadcast over every pixel
