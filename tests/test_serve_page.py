@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import re
@@ -204,7 +205,9 @@ def test_the_page_in_chromium(chromium, cli_server, tmp_path):
         page.wait_for("document.body.dataset.state === 'idle'")
         assert page.eval("document.getElementById('model-name').textContent") == "default"
         assert "AutoencoderKL, KL-f8" in page.eval("document.getElementById('model-arch').textContent")
-        assert page.eval("document.getElementById('model-convention').textContent") == "z * 0.18215"
+        with open(os.path.join(klvae.DEFAULT_MODEL, "config.json"), encoding="utf-8") as f:
+            factor = json.load(f)["scaling_factor"]                # the bundled model's own latent scale
+        assert page.eval("document.getElementById('model-convention').textContent") == f"z * {factor}"
         # The file chooser is reachable by keyboard (visually hidden, not removed from the focus order).
         assert page.eval("const i = document.getElementById('file-input'); i.focus(); document.activeElement === i")
 
