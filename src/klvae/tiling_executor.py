@@ -222,12 +222,16 @@ class ChunkStore:
         for i in rows_i:
             a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
             for j in cols_j:
-                array, first, end = self.chunks[i, j]
+                _, first, end = self.chunks[i, j]
                 if a < first or b > end:
                     raise AssertionError(f"chunk {(i, j)} holds rows {first}:{end}; rows {a}:{b} are needed")
                 want = (a, b, max(c0, self.cols[j]), min(c1, self.cols[j + 1]))
-                parts.append((crop(array, self.held((i, j)), want, self.ops.row_axis), want))
+                parts.append((self.piece((i, j), want), want))
         return Pieces(parts, region, self.ops)
+
+    def piece(self, key: tuple[int, int], want: Region) -> Array:
+        """The rectangle ``want`` (inside what it holds) of chunk ``key``."""
+        return crop(self.chunks[key][0], self.held(key), want, self.ops.row_axis)
 
     def write(self, key: tuple[int, int], region: Region, value: Array) -> None:
         self.put(key, (self.rows[key[0]], self.rows[key[0] + 1]), value)

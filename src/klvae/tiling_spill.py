@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from klvae.errors import KLVAEError
-from klvae.tiling_executor import ChunkStore, ExactExecutor, Pieces, TileOps
+from klvae.tiling_executor import ChunkStore, ExactExecutor, TileOps, crop
 from klvae.tiling_plan import ExactPlan
 
 # Free space to leave on the spill folder's file system beyond what the plan writes.
@@ -69,24 +69,13 @@ class SpillStore(ChunkStore):
         self.files[key] = (path, array.shape, array.dtype, token)
         self.chunks[key] = (None, self.rows[key[0]], self.rows[key[0] + 1])  # which chunks exist, for releases()
 
-    def read(self, region) -> Pieces:
-        r0, r1, c0, c1 = region
-        rows_i, cols_j = self.chunk_range(region)
-        axis = self.ops.row_axis
-        parts = []
-        for i in rows_i:
-            a, b = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
-            for j in cols_j:
-                path, shape, dtype, token = self.files[i, j]
-                c, d = max(c0, self.cols[j]), min(c1, self.cols[j + 1])
-                mapped = np.memmap(path, dtype=dtype, mode="r", shape=shape)
-                index = [slice(None)] * len(shape)
-                index[axis] = slice(a - self.rows[i], b - self.rows[i])
-                index[axis + 1] = slice(c - self.cols[j], d - self.cols[j])
-                piece = np.array(mapped[tuple(index)])  # a copy: the mapping goes now
-                del mapped
-                parts.append((self.ops.from_host(piece, token), (a, b, c, d)))
-        return Pieces(parts, region, self.ops)
+    def piece(self, key: tuple[int, int], want) -> Any:
+        """The rectangle ``want`` of chunk ``key``, read back from its file (``read`` is ChunkStore's)."""
+        path, shape, dtype, token = self.files[key]
+        mapped = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        piece = np.array(crop(mapped, self.held(key), want, self.ops.row_axis))  # a copy: the mapping goes now
+        del mapped
+        return self.ops.from_host(piece, token)
 
     def release(self, key: tuple[int, int], keep_from: int | None) -> None:
         """Delete chunk ``key``'s file once no later tile reads it (a partly read chunk stays whole)."""
