@@ -110,6 +110,8 @@ def run_one(args) -> dict:
         kwargs = {} if args.impl == "diffusers" else {"mode": args.mode}
         if args.memory_limit and args.impl == "klvae":
             kwargs["memory_limit"] = args.memory_limit
+        if args.spill:
+            kwargs["spill"] = True
         model.enable_tiling(**kwargs)
         if args.tile:
             model.tile_sample_min_size, model.tile_latent_min_size = args.tile, args.tile // f
@@ -126,8 +128,17 @@ def run_one(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     record = dict(arch=args.arch, impl=args.impl, mode=args.mode, op=args.op, size=args.size,
                   tile=args.tile or _config(args.arch).sample_height_width[0],
-                  memory_limit=args.memory_limit, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
+                  memory_limit=args.memory_limit, spill=args.spill, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
                   base_rss_mib=round(base / 1024), threads=torch.get_num_threads(), torch=torch.__version__)
+    if args.impl == "klvae" and args.mode == "exact" and args.memory_limit:
+        # What the plan promised: FLOPs against the untiled computation's, spill files at their largest.
+        from klvae.tiling import exact_plan_for
+
+        latent_hw = tuple(s // f for s in x.shape[-2:]) if args.op == "encode" else tuple(x.shape[-2:])
+        plan = exact_plan_for(model.config, args.op, latent_hw, x.shape[0], 4, model.tile_sample_min_size,
+                              args.memory_limit, None, spill=args.spill)
+        record.update(plan_flops_ratio=round(plan.flops / plan.untiled_flops, 3),
+                      plan_spill_mib=round(plan.spill_bytes() / 2**20))
     if args.mode == "distributed":
         record.update(rank=rank, world=dist.get_world_size())
         dist.destroy_process_group()
@@ -141,19 +152,20 @@ def run_one(args) -> dict:
 
 def _output_name(r: dict) -> str:
     limit = f"_lim{r['memory_limit']:.3g}" if r.get("memory_limit") else ""
+    limit += "_spill" if r.get("spill") else ""
     arch = "" if r.get("arch", "sd") == "sd" else f"{r['arch']}_"
     return f"{arch}{r['op']}_{r['size']}_{r['impl']}_{r['mode']}_t{r['tile']}{limit}.npy"
 
 
 def _key(r: dict) -> tuple:
     return (r["impl"], r["mode"], r["op"], int(r["size"]), int(r.get("tile") or 512), r.get("memory_limit"),
-            r.get("arch", "sd"))
+            r.get("arch", "sd"), bool(r.get("spill")))
 
 
 def _reference(latest: dict, r: dict) -> dict | None:
     """klvae's untiled run of the same architecture, operation and size (at the default tile size)."""
     for key, ref in latest.items():
-        if (key[:4], key[5:]) == (("klvae", "untiled", r["op"], r["size"]), (None, r.get("arch", "sd"))):
+        if (key[:4], key[5:]) == (("klvae", "untiled", r["op"], r["size"]), (None, r.get("arch", "sd"), False)):
             return ref
     return None
 
@@ -172,8 +184,9 @@ def sweep(args) -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             for impl, mode in runs:
                 limit = args.memory_limit if (impl == "klvae" and mode == "exact") else None
+                spill = args.spill and (impl, mode) == ("klvae", "exact")
                 tile = args.tile or _config(args.arch).sample_height_width[0]
-                key = (impl, mode, op, size, tile, limit, args.arch)
+                key = (impl, mode, op, size, tile, limit, args.arch, spill)
                 if key in done and not args.again:
                     continue
                 cmd = [sys.executable, __file__, "run", "--arch", args.arch, "--impl", impl, "--mode", mode, "--op",
@@ -182,10 +195,13 @@ def sweep(args) -> None:
                     cmd += ["--tile", str(args.tile)]
                 if limit:
                     cmd += ["--memory-limit", str(limit)]
+                if spill:
+                    cmd += ["--spill"]
                 needed = _estimated_peak_bytes(args.arch, impl, mode, op, size, limit)
                 available = _available_bytes()
                 if needed > 0.9 * available:  # do not push the machine (shared) into the OOM killer
                     record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
+                                  spill=spill,
                                   error=f"not run: needs about {needed / 2**30:.1f} GiB, "
                                         f"{available / 2**30:.1f} GiB available", returncode=None)
                     proc = None
@@ -196,6 +212,7 @@ def sweep(args) -> None:
                     pass
                 elif proc.returncode != 0:
                     record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
+                                  spill=spill,
                                   error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
                                   returncode=proc.returncode)
                 else:
@@ -287,6 +304,7 @@ def table(args) -> None:
         r = latest[key]
         ref = _reference(latest, r)
         mode = r["mode"] + (f" (limit {r['memory_limit'] / 2**30:.1f} GiB)" if r.get("memory_limit") else "")
+        mode += " + spill" if r.get("spill") else ""
         mode += f", tile {r['tile']}" if r["mode"] != "untiled" else ""
         if "error" in r:
             print(f"| {r['op']} | {r['size']} | {r['impl']} | {mode} | failed: {r['error'][:60]} | | | | |")
@@ -310,6 +328,7 @@ def main() -> None:
     one.add_argument("--size", type=int, required=True)
     one.add_argument("--tile", type=int, default=0, help="tile_sample_min_size (default: the config's sample_size)")
     one.add_argument("--memory-limit", type=float, default=None)
+    one.add_argument("--spill", action="store_true", help="exact mode: keep what the plan would recompute in spill files")
     one.add_argument("--outputs", default="")
     many = sub.add_parser("sweep", help="every configuration, one subprocess each, appended to --log")
     many.add_argument("--arch", choices=tuple(ARCHS), default="sd")
@@ -318,6 +337,7 @@ def main() -> None:
     many.add_argument("--runs", default="", help="impl:mode,... (default: all five)")
     many.add_argument("--tile", type=int, default=0)
     many.add_argument("--memory-limit", type=float, default=None, help="exact mode's memory_limit, bytes")
+    many.add_argument("--spill", action="store_true", help="klvae exact runs keep activations in spill files")
     many.add_argument("--again", action="store_true", help="run even what the log has (the table uses the latest)")
     many.add_argument("--timeout", type=float, default=6 * 3600)
     many.add_argument("--log", default="benchmarks/tiling_results.jsonl")
