@@ -128,7 +128,8 @@ def run_one(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     record = dict(arch=args.arch, impl=args.impl, mode=args.mode, op=args.op, size=args.size,
                   tile=args.tile or _config(args.arch).sample_height_width[0],
-                  memory_limit=args.memory_limit, spill=args.spill, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2), peak_rss_mib=round(peak / 1024),
+                  memory_limit=args.memory_limit, spill=args.spill, seconds=round(seconds, 2), cpu_seconds=round(cpu, 2),
+                  peak_rss_mib=round(peak / 1024),
                   base_rss_mib=round(base / 1024), threads=torch.get_num_threads(), torch=torch.__version__)
     if args.impl == "klvae" and args.mode == "exact" and args.memory_limit:
         # What the plan promised: FLOPs against the untiled computation's, spill files at their largest.
@@ -197,13 +198,13 @@ def sweep(args) -> None:
                     cmd += ["--memory-limit", str(limit)]
                 if spill:
                     cmd += ["--spill"]
+                run = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
+                           spill=spill)
                 needed = _estimated_peak_bytes(args.arch, impl, mode, op, size, limit)
                 available = _available_bytes()
                 if needed > 0.9 * available:  # do not push the machine (shared) into the OOM killer
-                    record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
-                                  spill=spill,
-                                  error=f"not run: needs about {needed / 2**30:.1f} GiB, "
-                                        f"{available / 2**30:.1f} GiB available", returncode=None)
+                    record = dict(run, error=f"not run: needs about {needed / 2**30:.1f} GiB, "
+                                             f"{available / 2**30:.1f} GiB available", returncode=None)
                     proc = None
                 else:
                     print("running", " ".join(cmd[2:]), flush=True)
@@ -211,9 +212,7 @@ def sweep(args) -> None:
                 if proc is None:
                     pass
                 elif proc.returncode != 0:
-                    record = dict(arch=args.arch, impl=impl, mode=mode, op=op, size=size, tile=tile, memory_limit=limit,
-                                  spill=spill,
-                                  error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
+                    record = dict(run, error=(proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300],
                                   returncode=proc.returncode)
                 else:
                     record = json.loads(proc.stdout.strip().splitlines()[-1])
