@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from klvae.torch.train.evaluation import load_model_and_lpips
+from klvae.torch.train.evaluation import load_any_model
 from klvae.train.data import ImageFolder
 
 PIXELS_PER_SIZE = 8 * 32 * 64 * 64      # about 1M pixels per size: 256 crops of 64, 64 of 128, 16 of 256
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    model, _ = load_model_and_lpips(args.model, use_ema=True, lpips="no", threads=args.threads)
-    model.eval()
+    torch.set_num_threads(args.threads)
+    model = load_any_model(args.model, use_ema=True)
     print("crop size   mean error R / G / B (8-bit levels)")
     for size in (int(s) for s in args.sizes.split(",")):
         batch_size = max(1, min(32, PIXELS_PER_SIZE // (8 * size * size)))
