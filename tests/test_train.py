@@ -70,6 +70,34 @@ def test_toml_config_relative_paths_and_errors(tmp_path):
     assert TrainConfig.from_dict(__import__("tomllib").loads(dump_train_config(c))) == c
 
 
+def test_toml_config_base_chain_merges_sections_and_resolves_paths_per_file(tmp_path, monkeypatch):
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "base.toml").write_text(
+        '[model]\npreset = "tiny"\n[data]\ntrain_dir = "imgs"\ncrop_size = 64\nbatch_size = 8\n'
+        '[optim]\nlr = 1e-4\nmax_steps = 100\n[loss]\nchroma_weight = 3.0\n[train]\noutput_dir = "run1"\n')
+    (tmp_path / "stage2.toml").write_text(
+        'base = "stage1/base.toml"\n[model]\npretrained = "./v4"\n[data]\ncrop_size = 256\n'
+        '[optim]\nlr = 3e-5\n[train]\noutput_dir = "run2"\n')
+    c = load_train_config(tmp_path / "stage2.toml")
+    # Paths relative to the file that set them; the child's [model] replaces the base's (no preset + pretrained).
+    assert c.data.train_dir == str(tmp_path / "stage1" / "imgs") and c.train.output_dir == str(tmp_path / "run2")
+    assert c.model.preset is None and c.model.pretrained == str(tmp_path / "v4")
+    # Other sections merge key by key: changed keys from the child, the rest from the base, not the defaults.
+    assert (c.data.crop_size, c.data.batch_size, c.optim.lr, c.optim.max_steps) == (256, 8, 3e-5, 100)
+    assert c.loss.chroma_weight == 3.0
+    # Overrides (command-line flags) are relative to the working directory.
+    monkeypatch.chdir(tmp_path / "stage1")
+    c = load_train_config(tmp_path / "stage2.toml", {"train": {"output_dir": "flag"}})
+    assert c.train.output_dir == str(tmp_path / "stage1" / "flag")
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_train_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('base = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: no such config file \(the base of"):
+        load_train_config(tmp_path / "c.toml")
+
+
 def test_image_folder_nested_formats_bad_files_and_determinism(tmp_path):
     _write_images(str(tmp_path), n=3)
     (tmp_path / "sub0" / "broken.png").write_bytes(b"\x89PNG not really")

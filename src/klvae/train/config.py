@@ -9,7 +9,9 @@ A TOML file has one table per section::
     [train]   output_dir = "runs/my-vae"  ema_decay = 0.999  checkpoint_every = 500
 
 Relative paths in the file are resolved against the file's folder. Unknown keys are errors (a typo must not be
-silently ignored).
+silently ignored). A top-level ``base = "other.toml"`` (relative to the file) starts from that file's settings:
+sections merge key by key, except ``[model]``, which replaces the base's whole when present (a model is one
+choice: preset, pretrained folder or config). So a fine-tuning stage names only what it changes.
 """
 
 from __future__ import annotations
@@ -169,10 +171,8 @@ class TrainConfig:
             for k, v in values.items():
                 if isinstance(v, list) and k != "config":
                     values[k] = tuple(v)
-                if base_dir and k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
-                    # ``pretrained`` may also be a hub repo id ("org/name"): resolved only when it is clearly a path.
-                    if k != "pretrained" or v.startswith((".", "~")) or os.path.exists(os.path.join(base_dir, v)):
-                        values[k] = os.path.normpath(os.path.join(base_dir, v))
+            if base_dir:
+                values = _resolve_paths(values, base_dir)
             try:
                 sections[name] = klass(**values)
             except TypeError as e:
@@ -188,20 +188,57 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, 
 _PATH_KEYS = {"train_dir", "val_dir", "output_dir", "pretrained", "lpips_weights"}
 
 
-def load_train_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None
-                      ) -> TrainConfig:
-    """Read a TOML training config; relative paths are taken relative to the file's folder."""
-    path = os.fspath(path)
+def _resolve_paths(values: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
+    """A section's relative path values joined to ``base_dir`` (the folder of the file that set them)."""
+    out = dict(values)
+    for k, v in values.items():
+        if k in _PATH_KEYS and isinstance(v, str) and v and not os.path.isabs(v):
+            # ``pretrained`` may also be a hub repo id ("org/name"): resolved only when it is clearly a path.
+            if k != "pretrained" or v.startswith((".", "~")) or os.path.exists(os.path.join(base_dir, v)):
+                out[k] = os.path.normpath(os.path.join(base_dir, v))
+    return out
+
+
+def _read_toml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The sections of a TOML config with its ``base`` chain merged in and every relative path made absolute
+    against the folder of the file that set it."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: no such config file{where}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    base = data.pop("base", None)
+    sections = {name: _resolve_paths(values, folder) if isinstance(values, dict) else values
+                for name, values in data.items()}
+    if base is None:
+        return sections
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another config file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(folder, base))
+    if base_path in chain or base_path == os.path.abspath(path):
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({' -> '.join(chain + (path, base_path))})")
+    merged = _read_toml(base_path, chain + (os.path.abspath(path),))
+    for name, values in sections.items():
+        if name != "model" and isinstance(values, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **values}
+        else:
+            merged[name] = values
+    return merged
+
+
+def load_train_config(path: str | os.PathLike, overrides: Mapping[str, Mapping[str, Any]] | None = None
+                      ) -> TrainConfig:
+    """Read a TOML training config (and its ``base`` chain); relative paths are taken relative to the folder of
+    the file that sets them (overrides, as command-line flags: relative to the working directory)."""
+    path = os.fspath(path)
+    data = _read_toml(path)
     for name, changes in (overrides or {}).items():
-        data.setdefault(name, {}).update(changes)
-    return TrainConfig.from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+        data[name] = {**data.get(name, {}), **_resolve_paths(changes, os.getcwd())}
+    return TrainConfig.from_dict(data, source=path)
 
 
 def dump_train_config(config: TrainConfig) -> str:
