@@ -150,6 +150,27 @@ def test_grey_weight_and_color_jitter(tmp_path):
     assert ratio.min() >= 0.5 - 0.02 and ratio.max() <= 1 + 0.02
 
 
+def test_saturation_boost_scales_chroma_and_keeps_grey(tmp_path):
+    from PIL import Image
+
+    olive = np.zeros((32, 32, 3), np.uint8)
+    olive[:] = (140, 110, 80)                      # grey 110, chroma (+30, 0, -30): no clipping up to 2x
+    Image.fromarray(olive).save(tmp_path / "olive.png")
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "grey.png")
+    boosted = ImageFolder(str(tmp_path), 16, batch_size=8, saturation_boost=1.0)
+    crops = np.concatenate([boosted.batch(s) for s in range(10)]) * 127.5 + 127.5      # back to 8-bit levels
+    assert np.array_equal(crops, np.concatenate([boosted.batch(s) for s in range(10)]) * 127.5 + 127.5)
+    grey_crops = [c for c in crops if np.allclose(c[0], c[1]) and np.allclose(c[1], c[2])]
+    assert grey_crops and all(np.allclose(c, 90, atol=0.5) for c in grey_crops)   # grey stays grey and unchanged
+    colour = np.array([c[:, 0, 0] for c in crops if not np.allclose(c[0], c[1])])  # (N, 3) levels
+    factors = (colour[:, 0] - colour[:, 2]) / 60.0                                  # R - B was 60
+    assert np.allclose(colour.mean(axis=1), 110, atol=1)                            # the grey level is kept
+    assert factors.min() >= 1 - 0.02 and factors.max() <= 2 + 0.02 and np.ptp(factors) > 0.3
+    assert np.allclose(colour[:, 1], 110, atol=1)                                   # G was on the grey level
+    with pytest.raises(ConfigError, match="saturation_boost"):
+        TrainConfig.from_dict({"data": {"saturation_boost": -0.5}})
+
+
 def test_posterior_logvar_init_both_backends(tmp_path):
     from klvae.torch.train.trainer import build_model
 

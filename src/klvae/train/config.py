@@ -65,6 +65,7 @@ class DataSection:
     min_scale: float = 1.0             # random down-scaling of the image before cropping, in [min_scale, 1]
     channel_shuffle: bool = False      # randomly permute RGB (colour augmentation; with L1 alone, see docs/training.md)
     color_jitter: float = 0.0          # per-channel gain in [1 - j, 1] plus an offset: recolours (and tints grey) crops
+    saturation_boost: float = 0.0      # scale each crop's chroma by a random factor in [1, 1 + b]
     grey_weight: float = 1.0           # how often a grey image is drawn, relative to a colour one
     val_size: int = 256                # validation images are centre-cropped to this size (a multiple of 8)
     max_val_images: int = 16
@@ -259,6 +260,8 @@ def _validate(c: TrainConfig) -> None:
         positive("data", name, getattr(c.data, name))
     if not 0 < c.data.min_scale <= 1:
         raise ConfigError(f"[data] min_scale must be in (0, 1], got {c.data.min_scale}")
+    if not 0 <= c.data.saturation_boost <= 4:
+        raise ConfigError(f"[data] saturation_boost must be in [0, 4], got {c.data.saturation_boost}")
     if not 0 <= c.data.color_jitter < 1:
         raise ConfigError(f"[data] color_jitter must be in [0, 1), got {c.data.color_jitter}")
     if not (c.data.grey_weight >= 0 and math.isfinite(c.data.grey_weight)):

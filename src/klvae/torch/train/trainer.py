@@ -144,11 +144,7 @@ class Trainer:
                 # (its parameters are frozen there, and DDP would wait for their gradients).
                 self.ddp_disc = DDP(discriminator, device_ids=ids)
 
-        self.data = ImageFolder(c.data.train_dir, c.data.crop_size, batch_size=c.data.batch_size, seed=c.train.seed,
-                                random_flip=c.data.random_flip, min_scale=c.data.min_scale,
-                                channel_shuffle=c.data.channel_shuffle, color_jitter=c.data.color_jitter,
-                                grey_weight=c.data.grey_weight,
-                                cache=c.data.cache_images)
+        self.data = ImageFolder.from_config(c.data, seed=c.train.seed)
         self.val_images: list[np.ndarray] = []
         if c.data.val_dir and self.is_main:
             _, self.val_images = load_eval_images(c.data.val_dir, c.data.val_size, self.model.config.downsample_factor,
