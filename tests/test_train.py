@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -246,7 +247,7 @@ def test_decoder_only_accumulation_checkpointing_gan(tmp_path):
     from klvae.torch.train.trainer import Trainer
 
     cfg = _config(tmp_path, model={"train_decoder_only": True, "gradient_checkpointing": True},
-                  optim={"grad_accum": 2, "max_steps": 3, "grad_clip": 1.0},
+                  optim={"grad_accum": 2, "max_steps": 3, "grad_clip": 1.0}, data={"crop_size": [16, 32]},
                   loss={"disc_start": 1, "disc_channels": 8, "disc_layers": 2})
     t = Trainer(cfg, resume=False)
     enc = {k: v.clone() for k, v in t.model.encoder.state_dict().items()}
@@ -280,6 +281,38 @@ def test_gradient_accumulation_matches_big_batch(tmp_path, monkeypatch):
     ga = torch.cat([g.flatten() for g in grads["a"]])
     gb = torch.cat([g.flatten() for g in grads["b"]])
     assert float((ga - gb).norm() / gb.norm()) < 1e-5
+
+
+def test_mixed_crop_sizes_weigh_every_pixel_the_same(tmp_path, monkeypatch):
+    """crop_size = [8, 16], batch 2, grad_accum 2: micro-batch 0 has 8 crops of 8 pixels, micro-batch 1 has 2 of
+    16, and the step's gradient is that of the squared error summed over all pixels / 4 (+ the KL likewise)."""
+    from klvae.torch.outputs import DiagonalGaussianDistribution
+    from klvae.torch.train.trainer import Trainer
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    t = Trainer(_config(tmp_path, data={"crop_size": [8, 16], "batch_size": 2}, optim={"grad_accum": 2},
+                        loss={"l1_weight": 0.0, "l2_weight": 1.0, "kl_weight": 1e-2}), resume=False)
+    batches = [torch.from_numpy(t.data.batch(i)) for i in range(2)]
+    assert [tuple(b.shape) for b in batches] == [(8, 3, 8, 8), (2, 3, 16, 16)]
+    assert [t.data.loss_scale(i) for i in range(3)] == [4.0, 1.0, 4.0]
+    reference = copy.deepcopy(t.model)
+    objective = 0
+    for x in batches:                                     # by hand: every pixel and latent element weighs 1 / 4
+        posterior = reference.encode(x).latent_dist
+        objective = objective + ((x - reference.decode(posterior.mode()).sample).square().sum()
+                                 + 1e-2 * posterior.kl().sum()) / 4
+    objective.backward()
+    recorded = {}
+    step = t.opt.step
+    t.opt.step = lambda: (recorded.__setitem__("grads", [p.grad.clone() for p in t.model.parameters()]), step())
+    t.train_step()
+    got = torch.cat([g.flatten() for g in recorded["grads"]])
+    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    with pytest.raises(ConfigError, match="divide the largest"):
+        _config(tmp_path, data={"crop_size": [24, 64]})
+    with pytest.raises(DatasetError, match="divide the largest"):
+        ImageFolder(str(tmp_path / "data"), (12, 16), batch_size=1)
 
 
 def test_train_cli_and_eval_cli(tmp_path, capsys):

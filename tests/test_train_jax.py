@@ -89,7 +89,8 @@ def test_gan_accumulation_decoder_only(tmp_path):
     from klvae.flax.train.trainer import Trainer
 
     cfg = _config(tmp_path, model={"train_decoder_only": True}, optim={"grad_accum": 2, "grad_clip": 1.0},
-                  loss={"disc_start": 1, "disc_channels": 8, "disc_layers": 2}, data={"val_dir": None})
+                  loss={"disc_start": 1, "disc_channels": 8, "disc_layers": 2},
+                  data={"val_dir": None, "crop_size": [16, 32]})          # mixed sizes: one micro-batch each
     t = Trainer(cfg, resume=False)
     enc = jax.device_get(t.state["trainable"]["vae"]["encoder"])
     dec = jax.device_get(t.state["trainable"]["vae"]["decoder"])

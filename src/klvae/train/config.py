@@ -59,7 +59,10 @@ def posterior_logvar_bias(config) -> tuple[str, slice]:
 class DataSection:
     train_dir: str = ""
     val_dir: str | None = None
-    crop_size: int = 256
+    # One size, or several (``[64, 256]``): micro-batch ``i`` of a step uses ``crop_size[i % n]`` with the batch
+    # scaled to the largest size's pixel count (``batch_size`` is at the largest) and its loss weighted to match,
+    # so set ``[optim] grad_accum`` to ``n`` for every step to see each size once.
+    crop_size: int | tuple[int, ...] = 256
     batch_size: int = 4                # per process
     random_flip: bool = True
     min_scale: float = 1.0             # random down-scaling of the image before cropping, in [min_scale, 1]
@@ -70,6 +73,10 @@ class DataSection:
     val_size: int = 256                # validation images are centre-cropped to this size (a multiple of 8)
     max_val_images: int = 16
     cache_images: bool = True          # keep decoded training images in memory
+
+    @property
+    def crop_sizes(self) -> tuple[int, ...]:
+        return (self.crop_size,) if isinstance(self.crop_size, int) else tuple(self.crop_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -256,8 +263,14 @@ def _validate(c: TrainConfig) -> None:
 
     if c.model.preset is not None and c.model.pretrained is not None:
         raise ConfigError("[model] give either preset or pretrained, not both")
-    for name in ("crop_size", "batch_size", "val_size", "max_val_images"):
+    for name in ("batch_size", "val_size", "max_val_images"):
         positive("data", name, getattr(c.data, name))
+    sizes = c.data.crop_sizes
+    if not sizes or not all(isinstance(v, int) and v > 0 for v in sizes):
+        raise ConfigError(f"[data] crop_size must be a positive integer or a list of them, got {c.data.crop_size!r}")
+    if any(max(sizes) % v for v in sizes):
+        raise ConfigError(f"[data] crop_size: each size must divide the largest (the batch of a smaller size is "
+                          f"scaled by (largest / size)^2), got {list(sizes)}")
     if not 0 < c.data.min_scale <= 1:
         raise ConfigError(f"[data] min_scale must be in (0, 1], got {c.data.min_scale}")
     if not 0 <= c.data.saturation_boost <= 4:

@@ -73,7 +73,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class ImageFolder:
-    """Random crops of the images under a folder: ``batch(step, rank)`` -> (B, 3, crop, crop) float32 in [-1, 1].
+    """Random crops of the images under a folder: ``batch(index, rank)`` -> (B, 3, crop, crop) float32 in [-1, 1].
+
+    ``crop_size`` may be several sizes, each dividing the largest: batch ``index`` then has size
+    ``crop_sizes[index % n]`` and ``batch_size * (largest / size)^2`` crops (the pixels of ``batch_size`` crops of
+    the largest size), and ``loss_scale(index)`` is the factor that turns a loss averaged over that batch into
+    one averaged over ``batch_size`` images: every pixel weighs the same whatever the size of its crop. A model
+    trained on one size can behave differently at others (GroupNorm statistics, zero padding near more of the
+    positions of a small image); mixing sizes trains it for both.
 
     Each crop picks an image (uniformly, or grey images with ``grey_weight`` times a colour image's chance), scales
     it by a random factor in ``[min_scale, 1]`` (never below the crop size), takes a random ``crop_size`` square,
@@ -86,7 +93,7 @@ class ImageFolder:
     otherwise pulls toward grey.
     """
 
-    def __init__(self, root: str, crop_size: int, *, batch_size: int, seed: int = 0, random_flip: bool = True,
+    def __init__(self, root: str, crop_size: int | Sequence[int], *, batch_size: int, seed: int = 0, random_flip: bool = True,
                  min_scale: float = 1.0, channel_shuffle: bool = False, color_jitter: float = 0.0,
                  saturation_boost: float = 0.0, grey_weight: float = 1.0, cache: bool = True):
         paths = list_images(root)
@@ -95,7 +102,11 @@ class ImageFolder:
         self.paths = _readable(paths)
         if not self.paths:
             raise DatasetError(f"{root}: none of the {len(paths)} image files could be read")
-        self.crop_size, self.batch_size, self.seed = crop_size, batch_size, seed
+        self.crop_sizes = (crop_size,) if isinstance(crop_size, int) else tuple(crop_size)
+        self.crop_size = max(self.crop_sizes)
+        if any(self.crop_size % size for size in self.crop_sizes):
+            raise DatasetError(f"crop sizes {list(self.crop_sizes)}: each must divide the largest")
+        self.batch_size, self.seed = batch_size, seed
         self.random_flip, self.min_scale, self.cache = random_flip, min_scale, cache
         self.channel_shuffle, self.color_jitter = channel_shuffle, color_jitter
         self.saturation_boost = saturation_boost
@@ -131,12 +142,21 @@ class ImageFolder:
                                f"({len(self.paths)} images)")
         return weights / weights.sum()
 
-    def batch(self, step: int, rank: int = 0) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step, rank])
-        crops = [self._crop(rng) for _ in range(self.batch_size)]
-        return to_model_input(np.stack(crops))
+    def crop_size_of(self, index: int) -> int:
+        return self.crop_sizes[index % len(self.crop_sizes)]
 
-    def _crop(self, rng: np.random.Generator) -> np.ndarray:
+    def loss_scale(self, index: int) -> float:
+        """``(largest / size)^2`` for batch ``index``: its loss, averaged over its images, times this weighs its
+        pixels as the largest size's batch weighs its own."""
+        return float((self.crop_size // self.crop_size_of(index)) ** 2)
+
+    def batch(self, index: int, rank: int = 0) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index, rank])
+        size = self.crop_size_of(index)
+        count = self.batch_size * (self.crop_size // size) ** 2
+        return to_model_input(np.stack([self._crop(rng, size) for _ in range(count)]))
+
+    def _crop(self, rng: np.random.Generator, c: int) -> np.ndarray:
         from PIL import Image
 
         if self._probabilities is None:
@@ -145,7 +165,6 @@ class ImageFolder:
             index = int(rng.choice(len(self.paths), p=self._probabilities))
         image = self.image(index)
         h, w = image.shape[:2]
-        c = self.crop_size
         scale = float(rng.uniform(self.min_scale, 1.0)) if self.min_scale < 1 else 1.0
         # Cut a window of c / scale pixels and resize it to c (cheaper than resizing the whole image); an image
         # smaller than the crop is upscaled.

@@ -79,7 +79,7 @@ class Trainer:
         if c.loss.disc_start >= 0:
             self.disc = FlaxNLayerDiscriminator(self.model.config.out_channels, c.loss.disc_channels,
                                                 c.loss.disc_layers)
-            crop = c.data.crop_size
+            crop = max(c.data.crop_sizes)
             variables = self.disc.init(jax.random.PRNGKey(c.train.seed + 1), jnp.zeros((1, 3, crop, crop)), True)
             self.disc_tx = self._wrap_accum(optax.adamw(lr_schedule(c, c.optim.disc_lr or c.optim.lr),
                                                         *c.optim.disc_betas, eps=c.optim.eps, weight_decay=0.0))
@@ -146,7 +146,9 @@ class Trainer:
         logs.update(mse=jnp.mean(jnp.square(x - x_rec)))
         return (nll, kl, g), (x_rec, stats, logs)
 
-    def _micro_step(self, state, x, key, gan: bool):
+    def _micro_step(self, state, x, key, scale, gan: bool):
+        """One micro-batch: the autoencoder's (and discriminator's) gradients, the autoencoder's weighted by
+        ``scale`` (the data's loss scale for mixed crop sizes)."""
         w = self.weights
         disc_vars = {"params": state["disc"], "batch_stats": state["disc_stats"]} if gan else None
         (nll, kl, g), vjp, (x_rec, stats, logs) = jax.vjp(
@@ -163,7 +165,7 @@ class Trainer:
                 d_weight = jnp.asarray(w.disc_weight)
             coef_g = d_weight * w.disc_factor
             logs.update(g_loss=g, d_weight=d_weight)
-        grads = vjp((one, jnp.asarray(w.kl_weight, jnp.float32), coef_g))[0]
+        grads = vjp((scale * one, scale * jnp.asarray(w.kl_weight, jnp.float32), scale * coef_g))[0]
         loss = nll + w.kl_weight * kl + coef_g * g
         logs.update(loss=loss, nll=nll, kl=kl, logvar=state["trainable"]["logvar"])
         updates, opt = self.tx.update(grads, state["opt"], state["trainable"])
@@ -198,8 +200,10 @@ class Trainer:
         totals: dict[str, float] = {}
         base = jax.random.fold_in(jax.random.PRNGKey(c.train.seed), step)
         for micro in range(accum):
-            x = self.global_batch(step * accum + micro)
-            self.state, logs = self._micro(self.state, x, jax.random.fold_in(base, micro), gan=gan)
+            index = step * accum + micro
+            scale = jnp.asarray(self.data.loss_scale(index), jnp.float32)
+            self.state, logs = self._micro(self.state, self.global_batch(index), jax.random.fold_in(base, micro),
+                                           scale, gan=gan)
             for k, v in jax.device_get(logs).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
         if self.state["ema"] is not None:

@@ -237,7 +237,8 @@ class Trainer:
         totals: dict[str, float] = {}
         self.model.train()
         for micro in range(accum):
-            x = torch.from_numpy(self.data.batch(step * accum + micro, self.rank)).to(self.device)
+            index = step * accum + micro
+            x = torch.from_numpy(self.data.batch(index, self.rank)).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(_seed_for(c.train.seed, step, micro, self.rank, 7))
             sync = micro == accum - 1
             with (contextlib.nullcontext() if sync or not self.distributed else self.ddp_model.no_sync()):
@@ -247,7 +248,7 @@ class Trainer:
                     posterior, x_rec = self._forward(x, gen)
                     loss, logs = self.loss.autoencoder_loss(x, x_rec, posterior, step,
                                                             last_layer=self.model.decoder.conv_out.weight)
-                (loss / accum).backward()
+                (loss * (self.data.loss_scale(index) / accum)).backward()
                 if c.model.update_latent_statistics:  # FLUX.2: fold the posterior means into its latent statistics
                     self.model.update_latent_statistics(posterior.mean.detach().float())
             if gan:
