@@ -93,9 +93,10 @@ class ImageFolder:
     otherwise pulls toward grey.
     """
 
-    def __init__(self, root: str, crop_size: int | Sequence[int], *, batch_size: int, seed: int = 0, random_flip: bool = True,
-                 min_scale: float = 1.0, channel_shuffle: bool = False, color_jitter: float = 0.0,
-                 saturation_boost: float = 0.0, grey_weight: float = 1.0, cache: bool = True):
+    def __init__(self, root: str, crop_size: int | Sequence[int], *, batch_size: int, seed: int = 0,
+                 random_flip: bool = True, min_scale: float = 1.0, channel_shuffle: bool = False,
+                 color_jitter: float = 0.0, saturation_boost: float = 0.0, grey_weight: float = 1.0,
+                 cache: bool = True):
         paths = list_images(root)
         if not paths:
             raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
