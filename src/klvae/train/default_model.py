@@ -77,7 +77,8 @@ def prepare_data(train_dir: str, val_dir: str, cache_dir: str | None = None, *, 
 
 def export(config, out_dir: str, log=print) -> float:
     """Export the latest checkpoint's EMA weights (fp16) with ``scaling_factor`` set by the latent-scale rule
-    over the training images (computed in fp32). Returns the factor."""
+    over the training images (computed in fp32), rounded to 5 significant digits as SD's 0.18215 is (an estimate
+    over 54 images has no more). Returns the factor written."""
     from klvae.config import AutoencoderKLConfig
     from klvae.config import CONFIG_NAME
     from klvae.torch.train.checkpoint import model_from_checkpoint, resolve_checkpoint
@@ -86,10 +87,11 @@ def export(config, out_dir: str, log=print) -> float:
     path = resolve_checkpoint(config.train.output_dir)
     model = model_from_checkpoint(path, use_ema=True).float()
     factor, count = model_scaling_factor(model, config.data.train_dir)
+    factor = float(f"{factor:.5g}")
     model.half().save_pretrained(out_dir)
     config_path = os.path.join(out_dir, CONFIG_NAME)
     AutoencoderKLConfig.from_json_file(config_path).replace(scaling_factor=factor).to_json_file(config_path)
-    log(f"exported {path} -> {out_dir}; scaling_factor {factor:.5f} (1 / std of the posterior means of {count} "
+    log(f"exported {path} -> {out_dir}; scaling_factor {factor} (1 / std of the posterior means of {count} "
         f"training images)")
     return factor
 
