@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from klvae.torch.train.evaluation import load_any_model
+from klvae.train.data import to_model_input
 
 EYES = ((172, 118, 27), (318, 136, 19))          # (x, y, radius) of the left and right eye
 
@@ -46,9 +47,8 @@ def iris_mask(image: np.ndarray) -> np.ndarray:
 
 
 def reconstruct(model, image: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
-        out = model(x).sample
+        out = model(torch.from_numpy(to_model_input(image[None]))).sample
     return np.clip((out[0].permute(1, 2, 0).numpy() + 1) * 127.5, 0, 255)
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chelsea_iris_colour import chelsea, describe, iris_mask  # noqa: E402
 
 from klvae.torch.train.evaluation import load_any_model  # noqa: E402
+from klvae.train.data import to_model_input  # noqa: E402
 
 CROP = (slice(64, 192), slice(128, 384))             # rows, columns: both eyes, a multiple of 8
 
@@ -38,7 +39,7 @@ def main() -> None:
     crop, mask = image[CROP], iris_mask(image)[CROP]
     truth = crop.astype(np.float64)
     model = load_any_model(args.model, use_ema=True).requires_grad_(False)
-    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(to_model_input(crop[None]))
 
     def report(label: str, z: torch.Tensor) -> None:
         with torch.no_grad():

@@ -164,7 +164,8 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config", base_dir: str | None = None) -> TrainConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+        """From TOML-like nested dicts; paths are taken as given (``load_train_config`` resolves a file's)."""
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(_SECTIONS)}")
@@ -179,8 +180,6 @@ class TrainConfig:
             for k, v in values.items():
                 if isinstance(v, list) and k != "config":
                     values[k] = tuple(v)
-            if base_dir:
-                values = _resolve_paths(values, base_dir)
             try:
                 sections[name] = klass(**values)
             except TypeError as e:
